@@ -1,0 +1,231 @@
+"""CausalWanTransformer3DModel: diffusers' Wan2.1 transformer made block-causal and streamable.
+
+Same parameters, names and config as `diffusers.WanTransformer3DModel`, so any Wan2.1 diffusers-format weights
+load with `from_pretrained`. What it adds (all through keyword arguments of `forward`):
+
+- per-frame timesteps: `timestep` of shape (B, F) besides the parent's (B,);
+- RoPE with a frame offset (`frame_offset`): the first frame of the input sits at that temporal position;
+- block-causal attention over the full sequence (`num_frame_per_block`): frame f attends to every frame of
+  its own block and of earlier blocks (training, teacher forcing);
+- incremental inference through an explicit `KVCache` (`kv_cache`, `update_cache`): the input frames attend
+  to the cached frames and to themselves; with `update_cache=True` their K/V are appended to the cache;
+- cross-attention K/V computed once per prompt and kept in the cache.
+
+Called exactly like its parent (no cache, no block size, (B,) timesteps) it computes what the parent computes.
+The model holds no sampling loop and no state between calls.
+
+Letters: B batch, C channels, F latent frames, H/W latent height/width, S tokens per frame, L = F * S tokens,
+D model width, N heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from .kv_cache import KVCache
+
+
+def _rope_1d(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (P, dim) for arbitrary integer positions, same formula as Wan's precomputed table."""
+    return get_1d_rotary_pos_embed(
+        dim, positions.to(torch.float64), theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
+    )
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, L, N, Dh) by cos/sin (1, L, 1, Dh) (float64 tables)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, N, Dh/2) each
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    """Block-causal, KV-cached Wan2.1 transformer. See the module docstring."""
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, p_h, p_w = self.config.patch_size
+        return (height // p_h) * (width // p_w)
+
+    def make_cache(self, height: int, width: int, *, max_frames: int, sink_frames: int = 0,
+                   differentiable: bool = False) -> KVCache:
+        """An empty KV cache for latents of this height and width (in latent pixels)."""
+        return KVCache(len(self.blocks), self.tokens_per_frame(height, width), max_frames=max_frames,
+                       sink_frames=sink_frames, differentiable=differentiable)
+
+    def _rotary(self, frame_pos: torch.Tensor, pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin (1, len(frame_pos) * pph * ppw, 1, Dh) for the given temporal positions."""
+        rope = self.rope
+        ppf = frame_pos.numel()
+        cos_t, sin_t = _rope_1d(rope.t_dim, frame_pos.cpu())  # (ppf, t_dim)
+        cos_h, cos_w = rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1)[1:]
+        sin_h, sin_w = rope.freqs_sin.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1)[1:]
+
+        def grid(t, h, w):
+            t = t.to(h.device).view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1)
+            h = h[:pph].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1)
+            w = w[:ppw].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)
+            return torch.cat([t, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1).to(device)
+
+        return grid(cos_t, cos_h, cos_w), grid(sin_t, sin_h, sin_w)
+
+    def _time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype):
+        """timestep (B, F) -> temb (B, F, D), timestep_proj (B, F, 6, D)."""
+        ce = self.condition_embedder
+        B, nF = timestep.shape
+        t = ce.timesteps_proj(timestep.flatten())  # (B*F, freq_dim)
+        emb_dtype = next(iter(ce.time_embedder.parameters())).dtype
+        if t.dtype != emb_dtype and emb_dtype != torch.int8:
+            t = t.to(emb_dtype)
+        temb = ce.time_embedder(t).type_as(torch.empty(0, dtype=dtype))  # (B*F, D)
+        proj = ce.time_proj(ce.act_fn(temb))  # (B*F, 6D)
+        return temb.unflatten(0, (B, nF)), proj.unflatten(0, (B, nF)).unflatten(2, (6, -1))
+
+    # -- attention ------------------------------------------------------------------------------------------
+    def _self_attention(self, attn, x, rope_q, rope_k, past, mask):
+        """x (B, L, D) -> (out (B, L, D), k_new, v_new) with K/V un-rotated (what the cache stores)."""
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, L, N, Dh)
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(x).unflatten(2, (attn.heads, -1))
+        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
+        q = _apply_rope(q, *rope_q)
+        k_rot = _apply_rope(k_all, *rope_k)
+        out = dispatch_attention_fn(q, k_rot, v_all, attn_mask=mask, backend=attn.processor._attention_backend)
+        out = out.flatten(2, 3).type_as(q)  # (B, L, D)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out, k, v
+
+    def _cross_attention(self, attn, x, kv):
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, L, N, Dh)
+        out = dispatch_attention_fn(q, kv[0], kv[1], attn_mask=None, backend=attn.processor._attention_backend)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
+
+    @staticmethod
+    def cross_kv(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K/V of an embedded prompt (B, Lc, D) -> (B, Lc, N, Dh) each."""
+        k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(context).unflatten(2, (attn.heads, -1))
+        return k, v
+
+    def _block(self, block, x, e, n_groups, cross_kv, rope_q, rope_k, past, mask):
+        """One transformer block; x (B, L, D), e (B, G, 6, D) modulation for G equal token groups (frames)."""
+        mods = (block.scale_shift_table.unsqueeze(0) + e.float()).unbind(2)  # 6 x (B, G, D)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [m.unsqueeze(2) for m in mods]  # (B, G, 1, D)
+
+        def modulate(h, shift, scale):  # h (B, L, D) float -> per-group affine
+            return (h.unflatten(1, (n_groups, -1)) * (1 + scale) + shift).flatten(1, 2)
+
+        def gated(h, out, gate):
+            return (h.float().unflatten(1, (n_groups, -1)) + out.unflatten(1, (n_groups, -1)) * gate).flatten(1, 2)
+
+        h = modulate(block.norm1(x.float()), shift_msa, scale_msa).type_as(x)
+        attn_out, k_new, v_new = self._self_attention(block.attn1, h, rope_q, rope_k, past, mask)
+        x = gated(x, attn_out, gate_msa).type_as(x)
+
+        h = block.norm2(x.float()).type_as(x)
+        x = x + self._cross_attention(block.attn2, h, cross_kv)
+
+        h = modulate(block.norm3(x.float()), c_shift, c_scale).type_as(x)
+        x = gated(x, block.ffn(h).float(), c_gate).type_as(x)
+        return x, k_new, v_new
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        *,
+        frame_offset: int = 0,
+        num_frame_per_block: int | None = None,
+        kv_cache: KVCache | None = None,
+        update_cache: bool = False,
+    ):
+        """Predict the flow v = eps - x0 for hidden_states (B, C, F, H, W).
+
+        timestep: (B,) or (B, F) model timesteps (0..1000). encoder_hidden_states: (B, Lc, text_dim) prompt
+        embeddings; may be None when kv_cache already holds this prompt's cross-attention K/V.
+        """
+        if encoder_hidden_states_image is not None or self.condition_embedder.image_embedder is not None:
+            raise NotImplementedError("image conditioning (Wan I2V) is not supported by the causal model")
+        if num_frame_per_block is not None and kv_cache is not None:
+            raise ValueError("pass either num_frame_per_block (full sequence) or kv_cache (streaming), not both")
+        B, C, nF, H, W = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if p_t != 1:
+            raise ValueError(f"the causal model needs temporal patch size 1, got {p_t}")
+        pph, ppw = H // p_h, W // p_w
+        S = pph * ppw  # tokens per frame
+        device = hidden_states.device
+
+        # timesteps -> per-frame modulation; (B,) is the parent's case: one group of all tokens
+        if timestep.ndim == 0:
+            timestep = timestep.expand(B)
+        if timestep.ndim == 1:
+            temb, e = self._time_embedding(timestep[:, None], hidden_states.dtype)  # (B, 1, D), (B, 1, 6, D)
+            groups = 1
+        elif timestep.shape == (B, nF):
+            temb, e = self._time_embedding(timestep, hidden_states.dtype)  # (B, F, D), (B, F, 6, D)
+            groups = nF
+        else:
+            raise ValueError(f"timestep must be (B,) or (B, F) = ({B}, {nF}), got {tuple(timestep.shape)}")
+
+        # positions: cached frames 0..n-1 (slot order), new frames after them (see kv_cache.py)
+        n_past = kv_cache.num_frames if kv_cache is not None else 0
+        q_pos = torch.arange(nF) + (n_past if kv_cache is not None else frame_offset)
+        rope_q = self._rotary(q_pos, pph, ppw, device)
+        rope_k = self._rotary(torch.arange(n_past + nF), pph, ppw, device) if n_past else rope_q
+
+        mask = None
+        if num_frame_per_block is not None:
+            if num_frame_per_block < 1:
+                raise ValueError(f"num_frame_per_block must be >= 1, got {num_frame_per_block}")
+            blk = (torch.arange(nF, device=device) // num_frame_per_block).repeat_interleave(S)  # (L,)
+            mask = blk[None, :] <= blk[:, None]  # (L, L): query block >= key block
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
+
+        need_text = kv_cache is None or kv_cache.cross[0] is None
+        if need_text:
+            if encoder_hidden_states is None:
+                raise ValueError("encoder_hidden_states is required (the cache holds no prompt K/V)")
+            context = self.condition_embedder.text_embedder(encoder_hidden_states)  # (B, Lc, D)
+
+        ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
+        for i, block in enumerate(self.blocks):
+            if need_text:
+                cross = self.cross_kv(block.attn2, context)
+                if kv_cache is not None:
+                    kv_cache.cross[i] = cross
+            else:
+                cross = kv_cache.cross[i]
+            past = kv_cache.get(i) if kv_cache is not None else None
+            args = (block, x, e, groups, cross, rope_q, rope_k, past, mask)
+            if ckpt:
+                x, k_new, v_new = torch.utils.checkpoint.checkpoint(self._block, *args, use_reentrant=False)
+            else:
+                x, k_new, v_new = self._block(*args)
+            if kv_cache is not None and update_cache:
+                kv_cache.write(i, k_new, v_new)
+        if kv_cache is not None and update_cache:
+            kv_cache.advance(nF)
+
+        # output norm, projection, unpatchify
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, G, D) each
+        x = self.norm_out(x.float()).unflatten(1, (groups, -1))  # (B, G, L/G, D)
+        x = (x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2).type_as(hidden_states)
+        x = self.proj_out(x)  # (B, L, p_h * p_w * C_out)
+        x = x.reshape(B, nF, pph, ppw, p_t, p_h, p_w, -1)
+        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)

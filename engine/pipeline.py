@@ -1,0 +1,454 @@
+"""Engine: the components of a streaming generator and the calls users make (generate, stream, save / load).
+
+Layout on disk (diffusers conventions, the same sub-folders as a Wan2.1 diffusers repository):
+
+    engine_config.json     EngineConfig (sampler settings)
+    transformer/           CausalWanTransformer3DModel (config.json + diffusion_pytorch_model.safetensors)
+    vae/                   AutoencoderKLWan
+    text_encoder/          UMT5EncoderModel          (optional: prompt_embeds= can be given instead)
+    tokenizer/             tokenizer files           (optional)
+    README.md              model card (optional)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from .models.causal_wan import CausalWanTransformer3DModel
+from .models.text import encode_prompts
+from .sampling.block_sampler import Conditioning, iter_blocks, num_renoise
+from .sampling.codec import StreamingDecoder, num_video_frames, spatial_compression, temporal_compression
+from .sampling.noise import SamplerNoise
+from .sampling.schedule import FewStepSchedule
+from .video import write_mp4
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUTPUT_TYPES = ("np", "pt", "latent")
+
+
+@dataclass
+class EngineConfig:
+    """Sampler settings of a generator (saved as engine_config.json).
+
+    guidance_scale uses the standard convention uncond + w * (cond - uncond); 1.0 = off (distilled models).
+    local_attn_frames: latent frames one block attends to, its own included (None = the whole stream);
+    sink_frames: first frames kept in the window forever (LongLive's frame sink).
+    """
+
+    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    warp_denoising_steps: bool = True
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+    num_frame_per_block: int = 3
+    context_t: float = 0.0
+    local_attn_frames: int | None = None
+    sink_frames: int = 0
+    guidance_scale: float = 1.0
+    negative_prompt: str = ""
+    text_max_length: int = 512
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: int = 16
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown engine settings {unknown}; valid: {', '.join(sorted(valid))}")
+        return cls(**d)
+
+    def schedule(self) -> FewStepSchedule:
+        return FewStepSchedule.from_denoising_steps(self.denoising_steps, shift=self.shift,
+                                                    warp=self.warp_denoising_steps, context_t=self.context_t,
+                                                    num_train_timesteps=self.num_train_timesteps)
+
+
+@dataclass
+class Video:
+    """A generated video. frames: uint8 (T, H, W, 3) for output_type="np", float (T, H, W, 3) in [0, 1] for "pt"."""
+
+    frames: np.ndarray | torch.Tensor | None
+    latents: torch.Tensor
+    noise: SamplerNoise
+    fps: int
+    timings: dict = field(default_factory=dict)
+
+    def uint8(self) -> np.ndarray:
+        f = self.frames
+        if isinstance(f, torch.Tensor):
+            return to_uint8(f)
+        return f
+
+    def save(self, path) -> str:
+        """H.264 mp4 through PyAV, written atomically."""
+        if self.frames is None:
+            raise ValueError("this video holds latents only (output_type='latent'); nothing to save as mp4")
+        return write_mp4(path, self.uint8(), self.fps)
+
+
+@dataclass
+class StreamChunk:
+    """One block's decoded frames, as soon as they exist."""
+
+    block: int
+    num_blocks: int
+    frames: np.ndarray | torch.Tensor  # (T_b, H, W, 3)
+    latents: torch.Tensor  # (B, C, F_b, h, w)
+    seconds_generate: float
+    seconds_decode: float
+    elapsed: float  # since the call started
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    return (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the progress bars and notices of diffusers / transformers loaders."""
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    dv, tv = dl.get_verbosity(), tl.get_verbosity()
+    dl.set_verbosity_error(), tl.set_verbosity_error()
+    tl.disable_progress_bar(), dl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dl.set_verbosity(dv), tl.set_verbosity(tv)
+        tl.enable_progress_bar(), dl.enable_progress_bar()
+
+
+def _resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; accepted: 'cpu', 'cuda', 'cuda:N', 'mps'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available: CUDA is not present on this machine; use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist; {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine; use 'cpu'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; accepted: 'cpu', 'cuda', 'cuda:N', 'mps'")
+    return dev
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; accepted: {', '.join(DTYPES)}")
+    return dtype
+
+
+def _cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """model.to(device, dtype), keeping the modules diffusers marks as float32-only in float32."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    torch.nn.Module.to(model, device, dtype)
+    if dtype != torch.float32:
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if any(k in name.split(".") for k in keep) and p.is_floating_point():
+                p.data = p.data.float()
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load safetensors weights (single file or sharded) into model; missing / unexpected keys are an error."""
+    from safetensors.torch import load_file
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for f in files:
+            state.update(load_file(folder / f))
+    elif single.is_file():
+        state = load_file(single)
+    else:
+        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors in {folder}")
+    check_state_dict(model, state, str(folder))
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(model: torch.nn.Module, state: dict, where: str) -> None:
+    """ValueError naming missing and unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def cut(xs):
+            return ", ".join(xs[:10]) + (f" ... ({len(xs)} in all)" if len(xs) > 10 else "")
+        raise ValueError(f"weights in {where} do not fit the model: missing keys [{cut(missing)}]; "
+                         f"unexpected keys [{cut(unexpected)}]; shape mismatches [{cut(shapes)}]")
+
+
+def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a directory via write(tmp_dir) and move it into place in one rename (an old one is replaced)."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class Engine:
+    """A streaming few-step generator: transformer + VAE (+ text encoder, tokenizer) + sampler settings."""
+
+    def __init__(self, transformer: CausalWanTransformer3DModel, vae: AutoencoderKLWan, text_encoder=None,
+                 tokenizer=None, **settings):
+        if not isinstance(transformer, CausalWanTransformer3DModel):
+            raise ValueError(f"transformer must be a CausalWanTransformer3DModel, got {type(transformer).__name__}")
+        self.transformer = transformer.eval()
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval() if text_encoder is not None else None
+        self.tokenizer = tokenizer
+        self.config = EngineConfig.from_dict(settings)
+        self.model_card: str | None = None
+        self.source: str | None = None
+        self.schedule = self.config.schedule()
+        if self.config.num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be >= 1, got {self.config.num_frame_per_block}")
+        if transformer.config.in_channels != vae.config.z_dim:
+            raise ValueError(f"transformer in_channels {transformer.config.in_channels} != VAE z_dim "
+                             f"{vae.config.z_dim}")
+
+    # -- devices and persistence ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def to(self, device=None, dtype=None) -> "Engine":
+        """Move every component; dtype applies to the transformer and text encoder (the VAE stays float32 on CPU)."""
+        dev = _resolve_device(device) if device is not None else self.device
+        dt = _resolve_dtype(dtype) if dtype is not None else self.dtype
+        _cast(self.transformer, dev, dt)
+        _cast(self.vae, dev, dt if dev.type != "cpu" else torch.float32)
+        if self.text_encoder is not None:
+            self.text_encoder.to(dev)
+        return self
+
+    def components(self) -> dict:
+        return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder,
+                "tokenizer": self.tokenizer}
+
+    def save_pretrained(self, path) -> Path:
+        """Write the engine directory atomically (safetensors weights, JSON configs)."""
+        def write(tmp: Path):
+            with _quiet():
+                for name, comp in self.components().items():
+                    if comp is not None:
+                        comp.save_pretrained(tmp / name)
+            (tmp / "engine_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+            if self.model_card:
+                (tmp / "README.md").write_text(self.model_card)
+        return atomic_directory(path, write)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="cpu", dtype="float32", **overrides) -> "Engine":
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist (see checkpoints/README.md)")
+        for sub in ("transformer", "vae"):
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(f"{path} is not an engine directory: missing {sub}/ "
+                                        f"(expected engine_config.json, transformer/, vae/, [text_encoder/, tokenizer/])")
+        dev, dt = _resolve_device(device), _resolve_dtype(dtype)
+        config = CausalWanTransformer3DModel.load_config(path / "transformer")
+        transformer = CausalWanTransformer3DModel.from_config(config)
+        load_model_weights(transformer, path / "transformer")
+        with _quiet():
+            vae = AutoencoderKLWan.from_pretrained(path / "vae")
+        text_encoder = tokenizer = None
+        if (path / "text_encoder").is_dir():
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            with _quiet():
+                text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder")
+                tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        settings = json.loads((path / "engine_config.json").read_text()) if (path / "engine_config.json").is_file() else {}
+        settings.update(overrides)
+        eng = cls(transformer, vae, text_encoder, tokenizer, **settings)
+        if (path / "README.md").is_file():
+            eng.model_card = (path / "README.md").read_text()
+        eng.source = str(path)
+        return eng.to(dev, dt)
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def valid_num_frames(self, up_to: int = 200) -> list[int]:
+        k, tc = self.config.num_frame_per_block, temporal_compression(self.vae)
+        return [1 + tc * (n * k - 1) for n in range(1, up_to // (tc * k) + 2)]
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Video frames -> latent frames; error unless they make whole blocks."""
+        k, tc = self.config.num_frame_per_block, temporal_compression(self.vae)
+        if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool) or num_frames <= 0:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}; accepted: "
+                             f"{', '.join(map(str, self.valid_num_frames(100)))}, ...")
+        n = (num_frames - 1) / tc + 1
+        if n != int(n) or int(n) % k:
+            raise ValueError(f"num_frames={num_frames} is not reachable by whole blocks of {k} latent frames "
+                             f"(1 + {tc} (N - 1) frames for N latent frames, N a multiple of {k}); accepted: "
+                             f"{', '.join(map(str, self.valid_num_frames(max(100, num_frames + 30))))}, ...")
+        return int(n)
+
+    def latent_shape(self, num_frames: int, height: int | None = None, width: int | None = None) -> tuple:
+        h, w = height or self.config.height, width or self.config.width
+        s = spatial_compression(self.vae) * self.transformer.config.patch_size[1]
+        if h % s or w % s or h <= 0 or w <= 0:
+            raise ValueError(f"height and width must be positive multiples of {s}, got {h}x{w}")
+        sc = spatial_compression(self.vae)
+        return (1, self.transformer.config.in_channels, self.latent_frames(num_frames), h // sc, w // sc)
+
+    def make_noise(self, num_frames: int | None = None, seed: int = 0, *, mode: str = "independent",
+                   height: int | None = None, width: int | None = None) -> SamplerNoise:
+        shape = self.latent_shape(num_frames or self.config.num_frames, height, width)
+        return SamplerNoise.from_seed(seed, shape, num_renoise(self.schedule), mode=mode, device=self.device)
+
+    def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this engine has no text encoder; pass prompt_embeds= instead of a prompt")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        emb = encode_prompts(self.text_encoder, self.tokenizer, prompts, max_length=self.config.text_max_length,
+                             device=self.device)
+        return emb.to(self.dtype)
+
+    def conditioning(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None) -> Conditioning:
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt and prompt_embeds")
+        text_dim = self.transformer.config.text_dim
+        if prompt_embeds is not None:
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != text_dim:
+                raise ValueError(f"prompt_embeds must be (B, L, {text_dim}), got {tuple(prompt_embeds.shape)}")
+            cond = prompt_embeds.to(self.device, self.dtype)
+        else:
+            cond = self.encode_prompt(prompt)
+        uncond = None
+        if self.config.guidance_scale != 1.0:
+            uncond = negative_prompt_embeds
+            if uncond is None:
+                uncond = (self.encode_prompt(self.config.negative_prompt) if self.text_encoder is not None
+                          and self.config.negative_prompt else torch.zeros_like(cond))
+            uncond = uncond.to(self.device, self.dtype).expand_as(cond)
+        return Conditioning(cond, uncond, self.config.guidance_scale)
+
+    def _caches(self, cond: Conditioning, noise: SamplerNoise, differentiable: bool):
+        c = self.config
+        n_latent = noise.shape[2]
+        if c.local_attn_frames is None:
+            max_frames = max(n_latent - c.num_frame_per_block, c.num_frame_per_block)
+        else:
+            if c.local_attn_frames < c.sink_frames + 2 * c.num_frame_per_block:
+                raise ValueError(f"local_attn_frames={c.local_attn_frames} is too small: it must be >= sink_frames "
+                                 f"+ 2 * num_frame_per_block = {c.sink_frames + 2 * c.num_frame_per_block}")
+            max_frames = c.local_attn_frames - c.num_frame_per_block
+        h, w = noise.shape[3:]
+
+        def make():
+            return self.transformer.make_cache(h, w, max_frames=max_frames, sink_frames=c.sink_frames,
+                                               differentiable=differentiable)
+        return (make(), make() if cond.uses_cfg else None)
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def stream(self, prompt: str | None = None, *, prompt_embeds=None, negative_prompt_embeds=None,
+               num_frames: int | None = None, seed: int = 0, noise: SamplerNoise | None = None,
+               output_type: str = "np", height: int | None = None, width: int | None = None,
+               detach_cache: bool = False, decode: bool = True) -> Iterator[StreamChunk]:
+        """Yield each block's frames as soon as they are decoded.
+
+        Differentiable when the noise requires grad (then the KV cache runs without in-place writes).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
+        t_start = time.perf_counter()
+        if noise is None:
+            noise = self.make_noise(num_frames, seed, height=height, width=width)
+        else:
+            if num_frames is not None and self.latent_frames(num_frames) != noise.shape[2]:
+                raise ValueError(f"noise has {noise.shape[2]} latent frames but num_frames={num_frames} needs "
+                                 f"{self.latent_frames(num_frames)}")
+            if noise.shape[2] % self.config.num_frame_per_block:
+                raise ValueError(f"noise has {noise.shape[2]} latent frames, not whole blocks of "
+                                 f"{self.config.num_frame_per_block}")
+            noise = noise.to(self.device)
+        cond = self.conditioning(prompt, prompt_embeds, negative_prompt_embeds)
+        if cond.cond.shape[0] != noise.shape[0]:
+            raise ValueError(f"{cond.cond.shape[0]} prompts for a noise batch of {noise.shape[0]}")
+        grad = torch.is_grad_enabled() and (noise.z0.requires_grad or any(s.requires_grad for s in noise.step_noise))
+        caches = self._caches(cond, noise, differentiable=grad)
+        decoder = StreamingDecoder(self.vae) if decode and output_type != "latent" else None
+        with torch.set_grad_enabled(grad):
+            blocks = iter_blocks(self.transformer, cond, noise, self.schedule, caches,
+                                 num_frame_per_block=self.config.num_frame_per_block, detach_cache=detach_cache)
+            for info in blocks:
+                t0 = time.perf_counter()
+                frames = None
+                if decoder is not None:
+                    video = decoder.decode(info["x0"])  # (B, 3, T, H, W) in [-1, 1]
+                    frames = ((video[0].permute(1, 2, 3, 0).float() + 1) / 2)  # (T, H, W, 3) in [0, 1]
+                    if output_type == "np":
+                        frames = to_uint8(frames)
+                yield StreamChunk(info["block"], info["num_blocks"], frames, info["x0"], info["seconds"],
+                                  time.perf_counter() - t0, time.perf_counter() - t_start)
+
+    def generate(self, prompt: str | None = None, *, prompt_embeds=None, negative_prompt_embeds=None,
+                 num_frames: int | None = None, seed: int = 0, noise: SamplerNoise | None = None,
+                 output_type: str = "np", height: int | None = None, width: int | None = None,
+                 detach_cache: bool = False, callback: Callable[[StreamChunk], None] | None = None) -> Video:
+        """Generate a whole video: the concatenation of `stream` for the same arguments."""
+        if noise is None:
+            noise = self.make_noise(num_frames, seed, height=height, width=width)
+        t0 = time.perf_counter()
+        chunks = []
+        for chunk in self.stream(prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                 num_frames=num_frames, noise=noise, output_type=output_type,
+                                 detach_cache=detach_cache):
+            chunks.append(chunk)
+            if callback is not None:
+                callback(chunk)
+        latents = torch.cat([c.latents for c in chunks], dim=2)
+        frames = None
+        if output_type == "np":
+            frames = np.concatenate([c.frames for c in chunks])
+        elif output_type == "pt":
+            frames = torch.cat([c.frames for c in chunks])
+        total = time.perf_counter() - t0
+        n = num_video_frames(self.vae, latents.shape[2])
+        timings = {"seconds": total, "first_block_seconds": chunks[0].elapsed, "fps": n / total,
+                   "num_frames": n, "num_blocks": len(chunks)}
+        return Video(frames, latents, noise, self.config.fps, timings)

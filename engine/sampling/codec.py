@@ -1,0 +1,75 @@
+"""Streaming VAE decode: diffusers' AutoencoderKLWan, one latent frame at a time, with a persistent causal cache.
+
+The Wan VAE decoder is causal in time: its full `decode` runs the decoder frame by frame with a feature cache
+(the last frames of each causal 3D convolution). Keeping that cache alive between calls lets us decode each
+block as soon as it is generated; the concatenation equals one full decode of all latents. The first latent
+frame gives 1 video frame, every later one `temporal_compression` frames (4 for Wan): 1 + 4 (N - 1) in all.
+
+Latents are in the transformer's normalised space; `decode` maps them back with the VAE's latents_mean/std
+(as diffusers' WanPipeline does) and returns video in [-1, 1], (B, 3, T, H, W).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+
+def temporal_compression(vae: AutoencoderKLWan) -> int:
+    return 2 ** sum(vae.config.temperal_downsample)
+
+
+def spatial_compression(vae: AutoencoderKLWan) -> int:
+    return vae.spatial_compression_ratio
+
+
+def num_video_frames(vae: AutoencoderKLWan, latent_frames: int) -> int:
+    return 1 + temporal_compression(vae) * (latent_frames - 1)
+
+
+def latent_stats(vae: AutoencoderKLWan, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (1, C, 1, 1, 1): normalised latent z maps to VAE latent z * std + mean."""
+    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+def normalize_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """VAE latent -> the transformer's normalised latent space (inverse of what decode applies)."""
+    mean, std = latent_stats(vae, z.device, z.dtype)
+    return (z - mean) / std
+
+
+class StreamingDecoder:
+    """Decode latent blocks as they arrive. One instance per stream; `reset()` to reuse it."""
+
+    def __init__(self, vae: AutoencoderKLWan):
+        if vae.config.patch_size is not None:
+            raise ValueError("streaming decode supports Wan2.1-style VAEs (patch_size=None)")
+        self.vae = vae
+        self.num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self.reset()
+
+    def reset(self) -> None:
+        self._feat_map = [None] * self.num_convs
+        self._first = True
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, F, h, w), normalised -> video (B, 3, T, H, W) in [-1, 1] for these frames."""
+        vae = self.vae
+        mean, std = latent_stats(vae, latents.device, vae.dtype)
+        x = vae.post_quant_conv(latents.to(vae.dtype) * std + mean)  # pointwise in time
+        outs = []
+        for i in range(x.shape[2]):
+            idx = [0]
+            outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=self._feat_map, feat_idx=idx,
+                                    first_chunk=self._first))
+            self._first = False
+        return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
+
+
+def decode_full(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """One full (non-streaming) diffusers decode of normalised latents, for reference and tests."""
+    mean, std = latent_stats(vae, latents.device, vae.dtype)
+    return vae.decode(latents.to(vae.dtype) * std + mean).sample
