@@ -35,7 +35,8 @@ from .sampling.noise import SamplerNoise
 from .sampling.schedule import FewStepSchedule
 from .video import write_mp4
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}  # float64: for gradient checks against finite differences
 OUTPUT_TYPES = ("np", "pt", "latent")
 
 
@@ -164,7 +165,7 @@ def _cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
     """model.to(device, dtype), keeping the modules diffusers marks as float32-only in float32."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     torch.nn.Module.to(model, device, dtype)
-    if dtype != torch.float32:
+    if dtype in (torch.float16, torch.bfloat16):
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
             if any(k in name.split(".") for k in keep) and p.is_floating_point():
                 p.data = p.data.float()
@@ -258,7 +259,7 @@ class Engine:
         dev = _resolve_device(device) if device is not None else self.device
         dt = _resolve_dtype(dtype) if dtype is not None else self.dtype
         _cast(self.transformer, dev, dt)
-        _cast(self.vae, dev, dt if dev.type != "cpu" else torch.float32)
+        _cast(self.vae, dev, dt if dev.type != "cpu" or dt == torch.float64 else torch.float32)
         if self.text_encoder is not None:
             self.text_encoder.to(dev)
         return self
@@ -338,7 +339,9 @@ class Engine:
     def make_noise(self, num_frames: int | None = None, seed: int = 0, *, mode: str = "independent",
                    height: int | None = None, width: int | None = None) -> SamplerNoise:
         shape = self.latent_shape(num_frames or self.config.num_frames, height, width)
-        return SamplerNoise.from_seed(seed, shape, num_renoise(self.schedule), mode=mode, device=self.device)
+        dtype = torch.float64 if self.dtype == torch.float64 else torch.float32  # sampler arithmetic precision
+        return SamplerNoise.from_seed(seed, shape, num_renoise(self.schedule), mode=mode, device=self.device,
+                                      dtype=dtype)
 
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
         if self.text_encoder is None or self.tokenizer is None:
@@ -420,7 +423,8 @@ class Engine:
                 frames = None
                 if decoder is not None:
                     video = decoder.decode(info["x0"])  # (B, 3, T, H, W) in [-1, 1]
-                    frames = ((video[0].permute(1, 2, 3, 0).float() + 1) / 2)  # (T, H, W, 3) in [0, 1]
+                    video = video if video.dtype == torch.float64 else video.float()
+                    frames = (video[0].permute(1, 2, 3, 0) + 1) / 2  # (T, H, W, 3) in [0, 1]
                     if output_type == "np":
                         frames = to_uint8(frames)
                 yield StreamChunk(info["block"], info["num_blocks"], frames, info["x0"], info["seconds"],
@@ -452,3 +456,9 @@ class Engine:
         timings = {"seconds": total, "first_block_seconds": chunks[0].elapsed, "fps": n / total,
                    "num_frames": n, "num_blocks": len(chunks)}
         return Video(frames, latents, noise, self.config.fps, timings)
+
+    def attack(self, prompt: str | None = None, **kwargs):
+        """Optimise the sampler noise against an objective; see engine.attack.optimize.attack."""
+        from .attack.optimize import attack
+
+        return attack(self, prompt, **kwargs)

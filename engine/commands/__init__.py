@@ -1,0 +1,1 @@
+"""Command-line sub-commands that belong to no single module."""

@@ -1,0 +1,247 @@
+"""Does a video show what its prompt asks for? Colour, shape, direction and flicker of shapes videos.
+
+Works on any uint8 video (F, H, W, 3): dataset renders, or the decoded output of a model, blurred and noisy.
+
+Pixels are classified, not compared for equality (`classify_pixels`): a pixel is an object pixel if it is bright
+(HSV value >= 0.45; every dataset background is <= 0.29); bright pixels of saturation >= 0.35 take the palette
+colour of nearest hue, bright unsaturated ones (saturation <= 0.2, value >= 0.6) are white, the rest ambiguous.
+Each colour mask is opened (3x3 erode, then dilate) to drop speckle and thin blur halos.
+
+Judged over the free-motion frames 0..free_frames (default (F - 1) // 2, as the dataset: no bounce there):
+
+- colour: the object's colour covers >= min_area of the frame in at least half of these frames, and no colour
+  that the prompt does not name does (a rainbow is not "a red circle").
+- shape: majority vote over these frames of a per-frame classification of the colour mask by two features of
+  its bounding box: the share of the mask in the top half (an upward triangle ~0.25, circle and square 0.5)
+  and the fill ratio (square ~1.0, circle ~0.79).
+- direction: least-squares velocity of the mask centroid; one of 8 directions by 45-degree sectors, or None
+  (wrong) if slower than min_speed * min(H, W) px per frame.
+
+Flicker (lower is better, in [0, 1]): the mean absolute frame-to-frame change, in units of 255, of background
+pixels, i.e. pixels darker than any object (value < 0.35) in both frames and not within 2 px of a brighter
+pixel. Shapes-video backgrounds are static, so a clean video scores 0; object motion does not count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+from .shapes import COLORS, DIRECTION_VECTORS, SHAPES, default_free_frames, parse_prompt
+
+EVAL_PROMPTS: list[str] = [  # fixed benchmark: every colour x shape, 8 directions, 16 two-object prompts
+    "a red circle moving left", "a green circle moving right", "a blue circle moving up",
+    "a yellow circle moving down", "a white circle moving up left", "a purple circle moving up right",
+    "a red square moving down left", "a green square moving down right", "a blue square moving left",
+    "a yellow square moving right", "a white square moving up", "a purple square moving down",
+    "a red triangle moving up left", "a green triangle moving up right", "a blue triangle moving down left",
+    "a yellow triangle moving down right", "a white triangle moving left", "a purple triangle moving right",
+    "a red circle moving up", "a green circle moving down", "a blue circle moving up left",
+    "a yellow circle moving up right", "a white circle moving down left", "a purple circle moving down right",
+    "a red square moving left", "a green square moving right", "a blue square moving up",
+    "a yellow square moving down", "a white square moving up left", "a purple square moving up right",
+    "a red triangle moving down left", "a green triangle moving down right", "a blue triangle moving left",
+    "a yellow triangle moving right", "a white triangle moving up", "a purple triangle moving down",
+    "a red circle moving up left", "a green circle moving up right", "a blue circle moving down left",
+    "a yellow circle moving down right", "a white circle moving left", "a purple circle moving right",
+    "a red square moving up", "a green square moving down", "a blue square moving up left",
+    "a yellow square moving up right", "a white square moving down left", "a purple square moving down right",
+    "a red circle and a blue square moving left",
+    "a green square and a yellow triangle moving down",
+    "a blue triangle and a white circle moving down left",
+    "a yellow circle and a purple triangle moving right",
+    "a white square and a red circle moving up left",
+    "a purple triangle and a green square moving down right",
+    "a red circle and a yellow circle moving up",
+    "a green square and a white square moving up right",
+    "a blue triangle and a purple triangle moving left",
+    "a yellow circle and a red square moving down",
+    "a white square and a green triangle moving down left",
+    "a purple triangle and a blue circle moving right",
+    "a red circle and a green triangle moving up left",
+    "a blue square and a yellow circle moving down right",
+    "a white triangle and a purple square moving up",
+    "a green circle and a purple circle moving up right",
+]
+
+COLOR_NAMES = list(COLORS)
+V_OBJECT, S_COLOR, S_WHITE, V_WHITE, V_BACKGROUND = 0.45, 0.35, 0.2, 0.6, 0.35
+
+
+def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 (..., 3) -> hue in degrees [0, 360), saturation, value in [0, 1]; each (...)."""
+    x = rgb.astype(np.float32) / 255.0
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v, mn = x.max(-1), x.min(-1)
+    c = v - mn
+    safe = np.where(c > 0, c, 1.0)
+    h = np.where(v == r, np.mod((g - b) / safe, 6.0), np.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    return h * 60.0, c / np.maximum(v, 1e-6), v
+
+
+_PALETTE_HUE = {name: float(_hsv(np.array(rgb, np.uint8))[0]) for name, rgb in COLORS.items() if name != "white"}
+
+
+def classify_pixels(frames: np.ndarray) -> np.ndarray:
+    """uint8 (F, H, W, 3) -> int8 (F, H, W): index into COLORS, or -1 (background or ambiguous)."""
+    h, s, v = _hsv(frames)
+    names = list(_PALETTE_HUE)
+    hues = np.array([_PALETTE_HUE[n] for n in names], np.float32)                 # (K,)
+    d = np.abs(h[..., None] - hues)                                                # (F, H, W, K)
+    d = np.minimum(d, 360.0 - d)                                                   # circular hue distance
+    nearest = np.array([COLOR_NAMES.index(n) for n in names], np.int8)[d.argmin(-1)]
+    labels = np.full(h.shape, -1, np.int8)
+    labels = np.where((v >= V_OBJECT) & (s >= S_COLOR), nearest, labels)
+    labels = np.where((v >= V_WHITE) & (s <= S_WHITE), np.int8(COLOR_NAMES.index("white")), labels)
+    return labels.astype(np.int8)
+
+
+def _shift_reduce(mask: np.ndarray, radius: int, fn) -> np.ndarray:
+    """Min (erode) or max (dilate) of a bool (..., H, W) mask over a (2r+1)^2 square, outside = False."""
+    H, W = mask.shape[-2:]
+    p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(radius, radius)] * 2)
+    out = None
+    for i in range(2 * radius + 1):
+        for j in range(2 * radius + 1):
+            win = p[..., i:i + H, j:j + W]
+            out = win.copy() if out is None else fn(out, win)
+    return out
+
+
+def open_mask(mask: np.ndarray) -> np.ndarray:
+    return _shift_reduce(_shift_reduce(mask, 1, np.logical_and), 1, np.logical_or)
+
+
+def _shape_features(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bool (F, H, W) -> (fill ratio of the bounding box, share of the mask in the bbox's top half), each (F,)."""
+    F, H, W = mask.shape
+    rows, cols = mask.sum(2), mask.any(1)                                          # (F, H), (F, W)
+    area = rows.sum(1).astype(np.float64)
+    has = area > 0
+    r0 = (rows > 0).argmax(1)
+    r1 = H - 1 - (rows > 0)[:, ::-1].argmax(1)
+    c0 = cols.argmax(1)
+    c1 = W - 1 - cols[:, ::-1].argmax(1)
+    h, w = (r1 - r0 + 1).astype(np.float64), (c1 - c0 + 1).astype(np.float64)
+    fill = np.where(has, area / np.maximum(h * w, 1), 0.0)
+    mid = r0 + h / 2                                                              # (F,)
+    above = np.clip(mid[:, None] - np.arange(H)[None, :], 0, 1)                   # (F, H) share of row above mid
+    top = np.where(has, (rows * above).sum(1) / np.maximum(area, 1), 0.0)
+    return fill, top
+
+
+def classify_shape(fill: float, top: float) -> str:
+    if top < 0.38:
+        return "triangle"
+    return "square" if fill >= 0.88 else "circle"
+
+
+def direction_from_velocity(vx: float, vy: float, min_speed: float) -> str | None:
+    """8 sectors of 45 degrees around the direction vectors; None if slower than min_speed (px per frame)."""
+    if math.hypot(vx, vy) < min_speed:
+        return None
+    angle = math.atan2(vy, vx)
+    best = min(DIRECTION_VECTORS, key=lambda d: abs(math.remainder(angle - math.atan2(DIRECTION_VECTORS[d][1],
+                                                                                        DIRECTION_VECTORS[d][0]),
+                                                                   2 * math.pi)))
+    return best
+
+
+def _check_frames(frames) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 2:
+        raise ValueError(f"expected uint8 frames (F >= 2, H, W, 3), got {frames.dtype} {frames.shape}; "
+                         f"convert a (3, F, H, W) tensor in [-1, 1] with shapes.tensor_to_frames")
+    return frames
+
+
+def flicker(frames: np.ndarray) -> float:
+    """Mean |frame_t - frame_(t-1)| / 255 over background pixels (see the module docstring), in [0, 1]."""
+    frames = _check_frames(frames)
+    x = frames.astype(np.float32)
+    bright = x.max(-1) >= V_BACKGROUND * 255                                       # (F, H, W)
+    bg = ~_shift_reduce(bright, 2, np.logical_or)
+    both = bg[1:] & bg[:-1]                                                        # (F-1, H, W)
+    diff = np.abs(x[1:] - x[:-1]).mean(-1) / 255.0                                 # (F-1, H, W)
+    if both.sum() == 0:           # no background anywhere: fall back to all pixels
+        return float(diff.mean())
+    return float((diff * both).sum() / both.sum())
+
+
+def evaluate_video(prompt: str, frames: np.ndarray, free_frames: int | None = None,
+                   min_area: float = 0.006, min_speed: float = 0.004) -> dict:
+    """Judge one video against its prompt.
+
+    Returns dict(prompt, color, shape, direction: fractions of the prompt's objects judged correct,
+    correct: 1.0 if every object is right in all three, flicker, extra_colors: colours present but not prompted,
+    objects: per-object details).
+    """
+    spec = parse_prompt(prompt, max_objects=None)
+    frames = _check_frames(frames)
+    F, H, W, _ = frames.shape
+    free = default_free_frames(F) if free_frames is None else min(free_frames, F - 1)
+    clip = frames[:free + 1]                                                       # (T, H, W, 3) no bounces here
+    labels = classify_pixels(clip)                                                 # (T, H, W)
+    masks = open_mask(labels[None] == np.arange(len(COLOR_NAMES), dtype=np.int8)[:, None, None, None])  # (K, T, H, W)
+    counts = masks.sum((2, 3))                                                     # (K, T)
+    min_pixels = max(4.0, min_area * H * W)
+    present = ((counts >= min_pixels).mean(1) >= 0.5)                              # (K,)
+    prompted = {c for c, _ in spec.objects}
+    extra = [c for k, c in enumerate(COLOR_NAMES) if present[k] and c not in prompted]
+
+    objects = []
+    t = np.arange(clip.shape[0], dtype=np.float64)
+    ys, xs = np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64)
+    for color, shape in spec.objects:
+        k = COLOR_NAMES.index(color)
+        m, seen = masks[k], counts[k] >= min_pixels                                # (T, H, W), (T,)
+        pred_shape, velocity, pred_dir = None, None, None
+        if seen.sum() >= 2:
+            fill, top = _shape_features(m[seen])
+            votes = Counter(classify_shape(f, p) for f, p in zip(fill, top))
+            pred_shape = votes.most_common(1)[0][0]
+            area = counts[k][seen].astype(np.float64)
+            cx = (m[seen].sum(1) * xs).sum(1) / area                               # (n,)
+            cy = (m[seen].sum(2) * ys).sum(1) / area
+            vx, vy = np.polyfit(t[seen], cx, 1)[0], np.polyfit(t[seen], cy, 1)[0]
+            velocity = (float(vx), float(vy))
+            pred_dir = direction_from_velocity(vx, vy, min_speed * min(H, W))
+        color_ok = bool(present[k]) and not extra
+        objects.append(dict(color=color, shape=shape, present=bool(present[k]),
+                            pixels=float(np.median(counts[k])), predicted_shape=pred_shape, velocity=velocity,
+                            predicted_direction=pred_dir, color_ok=color_ok,
+                            shape_ok=bool(present[k]) and pred_shape == shape,
+                            direction_ok=bool(present[k]) and pred_dir == spec.direction))
+    mean = lambda key: float(np.mean([o[key] for o in objects]))
+    return dict(prompt=prompt, color=mean("color_ok"), shape=mean("shape_ok"), direction=mean("direction_ok"),
+                correct=float(all(o["color_ok"] and o["shape_ok"] and o["direction_ok"] for o in objects)),
+                flicker=flicker(frames), extra_colors=extra, objects=objects)
+
+
+def evaluate(prompts: list[str], videos, free_frames: int | None = None) -> dict:
+    """Aggregate over videos: colour / shape / direction accuracy per prompted object, `correct` per video,
+    mean flicker; `videos` keeps the per-video results."""
+    videos = list(videos)
+    if len(prompts) != len(videos):
+        raise ValueError(f"{len(prompts)} prompts but {len(videos)} videos")
+    if not prompts:
+        raise ValueError("nothing to evaluate: no prompts")
+    results = [evaluate_video(p, v, free_frames) for p, v in zip(prompts, videos)]
+    objs = [o for r in results for o in r["objects"]]
+    acc = lambda key: float(np.mean([o[key] for o in objs]))
+    return dict(n=len(results), color=acc("color_ok"), shape=acc("shape_ok"), direction=acc("direction_ok"),
+                correct=float(np.mean([r["correct"] for r in results])),
+                flicker=float(np.mean([r["flicker"] for r in results])), videos=results)
+
+
+def format_table(results: dict) -> str:
+    """Markdown table of `evaluate` results: one aggregate dict, or {row name: aggregate dict}."""
+    rows = {"video": results} if "color" in results else results
+    lines = ["| model | videos | colour | shape | direction | all correct | flicker |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['n']} | {100 * r['color']:.1f}% | {100 * r['shape']:.1f}% | "
+                     f"{100 * r['direction']:.1f}% | {100 * r['correct']:.1f}% | {r['flicker']:.4f} |")
+    return "\n".join(lines)

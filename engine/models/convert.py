@@ -1,0 +1,144 @@
+"""Original Wan2.1 / Self-Forcing transformer weights -> diffusers names, and the `convert` command.
+
+    python -m engine convert self-forcing self_forcing_dmd.pt --wan-dir Wan2.1-T2V-1.3B-Diffusers --out ckpt/sf
+    python -m engine convert wan wan_model.safetensors       --wan-dir Wan2.1-T2V-1.3B-Diffusers --out ckpt/x
+
+A Self-Forcing `.pt` holds the generator under `generator_ema` (preferred) or `generator`, with a `model.`
+prefix and the original Wan names; FSDP / activation-checkpoint wrappers may add infixes, which are dropped.
+Files are read with `torch.load(weights_only=True)` or safetensors: nothing is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+# original Wan name (regex, on the name with the block index as \d+) -> diffusers name
+_RENAMES = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+    (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
+    (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
+    (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
+    (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
+    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),  # Wan's norm3 is the cross-attention norm
+    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+    (r"^patch_embedding\.", "patch_embedding."),
+]
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def rename_key(name: str) -> str:
+    """One original Wan parameter name -> its diffusers name (KeyError for names we do not know)."""
+    for pattern, repl in _RENAMES:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    raise KeyError(name)
+
+
+def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original names (optionally `model.`-prefixed, wrapper infixes) -> diffusers names; unknown names -> error."""
+    out, unknown = {}, []
+    for name, tensor in state.items():
+        for w in _WRAPPERS:
+            name = name.replace(w, "")
+        if name.startswith("model."):
+            name = name[len("model."):]
+        try:
+            out[rename_key(name)] = tensor
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"{len(unknown)} parameter names are not original Wan names, e.g. {unknown[:5]}")
+    return out
+
+
+def load_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if kind == "self-forcing":
+        for key in ("generator_ema", "generator"):
+            if key in state:
+                return state[key]
+        raise ValueError(f"{path} holds no 'generator_ema' or 'generator' weights; top-level keys: "
+                         f"{sorted(state)[:10]}")
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+SELF_FORCING_SETTINGS = dict(denoising_steps=[1000.0, 750.0, 500.0, 250.0], warp_denoising_steps=True, shift=5.0,
+                             num_frame_per_block=3, context_t=0.0, guidance_scale=1.0, text_max_length=512,
+                             height=480, width=832, num_frames=81, fps=16)
+
+
+def convert(kind: str, ckpt, wan_dir, out, *, settings: dict | None = None) -> Path:
+    """Write an engine directory: converted transformer + VAE, text encoder and tokenizer from wan_dir."""
+    from diffusers import AutoencoderKLWan
+
+    from ..pipeline import Engine, _quiet, atomic_directory, check_state_dict
+    from .causal_wan import CausalWanTransformer3DModel
+
+    if kind not in ("self-forcing", "wan"):
+        raise ValueError(f"unknown checkpoint kind {kind!r}; accepted: self-forcing, wan")
+    wan_dir = Path(wan_dir)
+    for sub in ("transformer", "vae"):
+        if not (wan_dir / sub).is_dir():
+            raise FileNotFoundError(f"--wan-dir {wan_dir} must be a Wan2.1 diffusers directory with {sub}/ "
+                                    f"(see checkpoints/README.md)")
+    state = convert_state_dict(load_original(ckpt, kind))
+    config = CausalWanTransformer3DModel.load_config(wan_dir / "transformer")
+    with torch.device("meta"):
+        model = CausalWanTransformer3DModel.from_config(config)
+    check_state_dict(model, state, str(ckpt))
+    model.load_state_dict(state, assign=True)
+    r = model.rope  # its tables are non-persistent buffers, still on the meta device: build them for real
+    model.rope = type(r)(r.attention_head_dim, r.patch_size, r.max_seq_len)
+    with _quiet():
+        vae = AutoencoderKLWan.from_pretrained(wan_dir / "vae")
+    eng = Engine(model, vae, **(settings or SELF_FORCING_SETTINGS))
+
+    def write(tmp: Path):
+        with _quiet():
+            model.save_pretrained(tmp / "transformer")
+            vae.save_pretrained(tmp / "vae")
+        for sub in ("text_encoder", "tokenizer"):  # copied as files: no need to load a 5B-parameter encoder
+            if (wan_dir / sub).is_dir():
+                shutil.copytree(wan_dir / sub, tmp / sub)
+        (tmp / "engine_config.json").write_text(json.dumps(eng.config.__dict__, indent=2))
+        (tmp / "README.md").write_text(f"# Converted {kind} checkpoint\n\nSource: `{Path(ckpt).name}`; "
+                                       f"components from `{wan_dir.name}`.\n")
+    return atomic_directory(out, write)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["self-forcing", "wan"], help="self-forcing .pt or original Wan weights")
+    p.add_argument("ckpt", help="checkpoint file (.pt / .pth / .safetensors)")
+    p.add_argument("--wan-dir", required=True, help="Wan2.1-T2V-1.3B diffusers directory (config, VAE, text)")
+    p.add_argument("--out", required=True, help="engine directory to write")
+
+
+def run(args) -> int:
+    out = convert(args.kind, args.ckpt, args.wan_dir, args.out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,42 @@
+"""Tiny random components for tests and benchmarks (CPU, seconds). Not a model anyone should ship."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from .models.causal_wan import CausalWanTransformer3DModel
+from .models.text import build_word_tokenizer, tiny_umt5
+from .pipeline import Engine
+
+TINY_WORDS = "a an and red green blue yellow white purple circle square triangle moving left right up down".split()
+
+
+def tiny_transformer_config(**kw) -> dict:
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+               text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    cfg.update(kw)
+    return cfg
+
+
+def tiny_transformer(seed: int = 0, **kw) -> CausalWanTransformer3DModel:
+    torch.manual_seed(seed)
+    return CausalWanTransformer3DModel(**tiny_transformer_config(**kw)).eval()
+
+
+def tiny_vae(seed: int = 0, z_dim: int = 4) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                            latents_std=[1.0] * z_dim).eval()
+
+
+def tiny_engine(seed: int = 0, **settings) -> Engine:
+    """A random 2-layer transformer, an 8-channel VAE, a tiny UMT5 with a word tokenizer; 32x32 video."""
+    tok = build_word_tokenizer(TINY_WORDS)
+    torch.manual_seed(seed)
+    te = tiny_umt5(len(tok.get_vocab()), d_model=32)
+    defaults = dict(height=32, width=32, num_frames=21, text_max_length=16)
+    defaults.update(settings)
+    return Engine(tiny_transformer(seed), tiny_vae(seed), te.eval(), tok, **defaults)
