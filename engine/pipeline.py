@@ -260,8 +260,8 @@ class Engine:
         dt = _resolve_dtype(dtype) if dtype is not None else self.dtype
         _cast(self.transformer, dev, dt)
         _cast(self.vae, dev, dt if dev.type != "cpu" or dt == torch.float64 else torch.float32)
-        if self.text_encoder is not None:
-            self.text_encoder.to(dev)
+        if self.text_encoder is not None:  # half precision for the (large) encoder on GPUs only
+            self.text_encoder.to(dev, dt if dev.type == "cuda" else torch.float32)
         return self
 
     def components(self) -> dict:

@@ -60,7 +60,16 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                        sink_frames=sink_frames, differentiable=differentiable)
 
     def _rotary(self, frame_pos: torch.Tensor, pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos/sin (1, len(frame_pos) * pph * ppw, 1, Dh) for the given temporal positions."""
+        """RoPE cos/sin (1, len(frame_pos) * pph * ppw, 1, Dh) for the given temporal positions (memoised)."""
+        key = (tuple(frame_pos.tolist()), pph, ppw, str(device))
+        memo = self.__dict__.setdefault("_rope_memo", {})  # derived constants, not state: same input, same table
+        if key not in memo:
+            if len(memo) > 64:
+                memo.clear()
+            memo[key] = self._rotary_tables(frame_pos, pph, ppw, device)
+        return memo[key]
+
+    def _rotary_tables(self, frame_pos: torch.Tensor, pph: int, ppw: int, device):
         rope = self.rope
         ppf = frame_pos.numel()
         cos_t, sin_t = _rope_1d(rope.t_dim, frame_pos.cpu())  # (ppf, t_dim)
