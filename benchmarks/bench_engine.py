@@ -9,8 +9,11 @@ the KV-cache bytes after each block of a rolling-window stream.
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
-import tracemalloc
 
 import torch
 
@@ -20,7 +23,7 @@ from engine.sampling.schedule import FewStepSchedule, add_noise, flow_to_x0
 from engine.testing import tiny_transformer
 
 K = 3  # latent frames per block
-H = W = 8  # latent size (64 x 64 pixels with an 8x VAE)
+H = W = 16  # latent size (128 x 128 pixels with an 8x VAE)
 
 
 def cached(model, cond, noise, sched, max_frames):
@@ -53,12 +56,25 @@ def recompute(model, cond, noise, sched):
     return ctx, first
 
 
-def peak(fn):
-    tracemalloc.start()
-    r = fn()
-    _, p = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return r, p
+def setup(blocks):
+    torch.set_grad_enabled(False)
+    model = tiny_transformer(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512, text_dim=32)
+    sched = FewStepSchedule.from_denoising_steps([1000, 750, 500, 250])
+    cond = torch.randn(1, 16, 32)
+    noise = SamplerNoise.from_seed(0, (1, 4, blocks * K, H, W), len(sched) - 1)
+    return model, sched, cond, noise
+
+
+def child(mode, blocks):
+    """One mode in a fresh process: seconds, first-block latency and the peak RSS growth it caused."""
+    model, sched, cond, noise = setup(blocks)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    lat, first = cached(model, cond, noise, sched, blocks * K) if mode == "cached" else recompute(model, cond, noise, sched)
+    sec = time.perf_counter() - t0
+    grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    torch.save(lat, f"/tmp/bench_engine_{mode}.pt")
+    print(json.dumps({"seconds": sec, "first": first, "peak_mb": grow / 1024}))
 
 
 def main():
@@ -66,31 +82,30 @@ def main():
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--long-blocks", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", choices=["cached", "recompute"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_grad_enabled(False)
-    model = tiny_transformer(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512, text_dim=32)
-    sched = FewStepSchedule.from_denoising_steps([1000, 750, 500, 250])
-    cond = torch.randn(1, 16, 32)
+    if args.child:
+        return child(args.child, args.blocks)
     n = args.blocks * K
-    noise = SamplerNoise.from_seed(0, (1, 4, n, H, W), len(sched) - 1)
     rows = {}
     for r in range(args.repeats):  # interleaved, so machine noise hits both alike
-        for name, fn in (("cached", lambda: cached(model, cond, noise, sched, n)),
-                         ("recompute", lambda: recompute(model, cond, noise, sched))):
-            t0 = time.perf_counter()
-            (lat, first), mem = peak(fn)
-            rows.setdefault(name, []).append((time.perf_counter() - t0, first, mem, lat))
-    a, b = rows["cached"][0][3], rows["recompute"][0][3]
+        for name in ("cached", "recompute"):
+            out = subprocess.run([sys.executable, __file__, "--child", name, "--blocks", str(args.blocks)],
+                                 capture_output=True, text=True, check=True).stdout
+            m = json.loads(out.strip().splitlines()[-1])
+            rows.setdefault(name, []).append((m["seconds"], m["first"], m["peak_mb"]))
+    a, b = torch.load("/tmp/bench_engine_cached.pt"), torch.load("/tmp/bench_engine_recompute.pt")
     print(f"max |cached - recompute| over the latents: {(a - b).abs().max():.2e}\n")
     best = {k: min(v, key=lambda r: r[0]) for k, v in rows.items()}
     print(f"tiny model (4 layers, width 128), {args.blocks} blocks x {K} latent frames of {H}x{W}, 4 steps; "
           f"best of {args.repeats}\n")
-    print("| mode | seconds | speed-up | latent frames / s | video frames / s (x4) | first block (s) | peak MB |")
+    print("| mode | seconds | speed-up | latent frames / s | video frames / s (x4) | first block (s) | peak RSS growth MB |")
     print("|---|---|---|---|---|---|---|")
     for k in ("cached", "recompute"):
-        s, f, m, _ = best[k]
+        s, f, m = best[k]
         print(f"| {k} | {s:.3f} | {best['recompute'][0] / s:.2f}x | {n / s:.1f} | {4 * n / s:.1f} | {f:.3f} | "
-              f"{m / 2**20:.1f} |")
+              f"{m:.1f} |")
+    model, sched, cond, _ = setup(args.blocks)
 
     # long stream, rolling window: cache bytes must stop growing once the window is full
     long_noise = SamplerNoise.from_seed(1, (1, 4, args.long_blocks * K, H, W), len(sched) - 1)
@@ -102,9 +117,9 @@ def main():
     dsizes = []
     for _ in iter_blocks(model, Conditioning(cond), long_noise, sched, diff, num_frame_per_block=K):
         dsizes.append(diff.nbytes())
+    pick = sorted({i for i in (0, 4, 9, 24, args.long_blocks - 1) if i < args.long_blocks})
     print(f"\n{args.long_blocks} blocks, window {4 * K} frames with {K} sink frames: KV bytes after blocks "
-          f"1/5/10/25/{args.long_blocks}:")
-    pick = [0, 4, 9, 24, args.long_blocks - 1]
+          f"{[i + 1 for i in pick]}:")
     print(f"- in-place (preallocated): {[sizes[i] for i in pick]}")
     print(f"- differentiable: {[dsizes[i] for i in pick]} (grows until the window is full, then flat)")
 

@@ -383,3 +383,11 @@ def test_cli_generate(eng, tmp_path):
     r = subprocess.run([sys.executable, "-m", "engine", "generate", "x", "--checkpoint", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_default_generate_without_checkpoint_says_how_to_get_weights(tmp_path, monkeypatch):
+    import engine
+
+    monkeypatch.setenv("ENGINE_CHECKPOINT", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="checkpoints/README.md"):
+        engine.generate("a red circle moving left")
