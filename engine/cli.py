@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("engine.training.cli", "train a teacher, an ODE-initialised or a Self-Forcing DMD generator"),
     "attack": ("engine.attack.cli", "optimise the sampler noise against an objective"),
     "sweep": ("engine.attack.sweep", "run many attacks over prompts x seeds (resumable, sharded)"),
+    "quantized": ("engine.quantized.cli", "quantized generator: codebook analysis, conversion, presets"),
 }
 
 

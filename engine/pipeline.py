@@ -120,7 +120,7 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_loaders():
     """Silence the progress bars and notices of diffusers / transformers loaders."""
     import diffusers.utils.logging as dl
     import transformers.utils.logging as tl
@@ -161,7 +161,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def _cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def cast_module(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """model.to(device, dtype), keeping the modules diffusers marks as float32-only in float32."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     torch.nn.Module.to(model, device, dtype)
@@ -169,6 +169,9 @@ def _cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
             if any(k in name.split(".") for k in keep) and p.is_floating_point():
                 p.data = p.data.float()
+
+
+_cast, _quiet = cast_module, quiet_loaders  # short names used inside this module and by older callers
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -241,6 +244,10 @@ class Engine:
         self.schedule = self.config.schedule()
         if self.config.num_frame_per_block < 1:
             raise ValueError(f"num_frame_per_block must be >= 1, got {self.config.num_frame_per_block}")
+        schedule = getattr(transformer.config, "noise_schedule", "flow")
+        if schedule != "flow":
+            raise ValueError(f"this transformer uses the {schedule!r} DDPM schedule; the few-step flow sampler needs "
+                             f"'flow' (sample it with engine.sampling.ddpm.ddim_sample)")
         if transformer.config.in_channels != vae.config.z_dim:
             raise ValueError(f"transformer in_channels {transformer.config.in_channels} != VAE z_dim "
                              f"{vae.config.z_dim}")
@@ -290,8 +297,10 @@ class Engine:
                 raise FileNotFoundError(f"{path} is not an engine directory: missing {sub}/ "
                                         f"(expected engine_config.json, transformer/, vae/, [text_encoder/, tokenizer/])")
         dev, dt = _resolve_device(device), _resolve_dtype(dtype)
+        from .models.quantized_wan import transformer_class_for
+
         config = CausalWanTransformer3DModel.load_config(path / "transformer")
-        transformer = CausalWanTransformer3DModel.from_config(config)
+        transformer = transformer_class_for(config).from_config(config)
         load_model_weights(transformer, path / "transformer")
         with _quiet():
             vae = AutoencoderKLWan.from_pretrained(path / "vae")

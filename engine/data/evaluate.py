@@ -5,15 +5,15 @@ Works on any uint8 video (F, H, W, 3): dataset renders, or the decoded output of
 Pixels are classified, not compared for equality (`classify_pixels`): a pixel is an object pixel if it is bright
 (HSV value >= 0.45; every dataset background is <= 0.29); bright pixels of saturation >= 0.35 take the palette
 colour of nearest hue, bright unsaturated ones (saturation <= 0.2, value >= 0.6) are white, the rest ambiguous.
-Each colour mask is opened (3x3 erode, then dilate) to drop speckle and thin blur halos.
+Each colour mask is cleaned by a 3x3 majority filter (drops speckle and thin blur halos, fills pinholes).
 
 Judged over the free-motion frames 0..free_frames (default (F - 1) // 2, as the dataset: no bounce there):
 
 - colour: the object's colour covers >= min_area of the frame in at least half of these frames, and no colour
   that the prompt does not name does (a rainbow is not "a red circle").
-- shape: majority vote over these frames of a per-frame classification of the colour mask by two features of
-  its bounding box: the share of the mask in the top half (an upward triangle ~0.25, circle and square 0.5)
-  and the fill ratio (square ~1.0, circle ~0.79).
+- shape: majority vote over these frames of a per-frame classification of the colour mask by two moment
+  features (`shape_features`): vertical skewness (upward triangle -0.57, circle and square 0) and the corner
+  ratio E[dx^2 dy^2] / E[dx^4] (square 5/9, circle 1/3).
 - direction: least-squares velocity of the mask centroid; one of 8 directions by 45-degree sectors, or None
   (wrong) if slower than min_speed * min(H, W) px per frame.
 
@@ -29,7 +29,7 @@ from collections import Counter
 
 import numpy as np
 
-from .shapes import COLORS, DIRECTION_VECTORS, SHAPES, default_free_frames, parse_prompt
+from .shapes import COLORS, DIRECTION_VECTORS, default_free_frames, parse_prompt
 
 EVAL_PROMPTS: list[str] = [  # fixed benchmark: every colour x shape, 8 directions, 16 two-object prompts
     "a red circle moving left", "a green circle moving right", "a blue circle moving up",
@@ -98,55 +98,58 @@ def classify_pixels(frames: np.ndarray) -> np.ndarray:
     return labels.astype(np.int8)
 
 
-def _shift_reduce(mask: np.ndarray, radius: int, fn) -> np.ndarray:
-    """Min (erode) or max (dilate) of a bool (..., H, W) mask over a (2r+1)^2 square, outside = False."""
+def _box_count(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Number of True pixels in the (2r+1)^2 square around each pixel of a bool (..., H, W) mask (outside = 0)."""
     H, W = mask.shape[-2:]
-    p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(radius, radius)] * 2)
-    out = None
-    for i in range(2 * radius + 1):
-        for j in range(2 * radius + 1):
-            win = p[..., i:i + H, j:j + W]
-            out = win.copy() if out is None else fn(out, win)
-    return out
+    p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(radius, radius)] * 2).astype(np.int16)
+    n = 2 * radius + 1
+    return sum(p[..., i:i + H, j:j + W] for i in range(n) for j in range(n))
 
 
-def open_mask(mask: np.ndarray) -> np.ndarray:
-    return _shift_reduce(_shift_reduce(mask, 1, np.logical_and), 1, np.logical_or)
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """3x3 majority filter of a bool (..., H, W) mask: drops speckle and thin halos, fills pinholes."""
+    return _box_count(mask, 1) >= 5
 
 
-def _shape_features(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """bool (F, H, W) -> (fill ratio of the bounding box, share of the mask in the bbox's top half), each (F,)."""
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    return _box_count(mask, radius) > 0
+
+
+def shape_features(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bool (F, H, W) -> (vertical skewness, corner ratio), each (F,), from central moments of the mask.
+
+    skew = E[dy^3] / E[dy^2]^1.5: -0.57 for an upward triangle (mass at its base, y down), 0 for the
+    symmetric circle and square. corner = E[dx^2 dy^2] / mean(E[dx^4], E[dy^4]): 5/9 for an axis-aligned square,
+    1/3 for a disk. Moments use every pixel, so they are far steadier under blur and noise than bounding boxes.
+    """
     F, H, W = mask.shape
-    rows, cols = mask.sum(2), mask.any(1)                                          # (F, H), (F, W)
-    area = rows.sum(1).astype(np.float64)
-    has = area > 0
-    r0 = (rows > 0).argmax(1)
-    r1 = H - 1 - (rows > 0)[:, ::-1].argmax(1)
-    c0 = cols.argmax(1)
-    c1 = W - 1 - cols[:, ::-1].argmax(1)
-    h, w = (r1 - r0 + 1).astype(np.float64), (c1 - c0 + 1).astype(np.float64)
-    fill = np.where(has, area / np.maximum(h * w, 1), 0.0)
-    mid = r0 + h / 2                                                              # (F,)
-    above = np.clip(mid[:, None] - np.arange(H)[None, :], 0, 1)                   # (F, H) share of row above mid
-    top = np.where(has, (rows * above).sum(1) / np.maximum(area, 1), 0.0)
-    return fill, top
+    m = mask.astype(np.float64)
+    area = np.maximum(m.sum((1, 2)), 1.0)                                          # (F,)
+    ys, xs = np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64)
+    cx = (m.sum(1) * xs).sum(1) / area                                             # (F,)
+    cy = (m.sum(2) * ys).sum(1) / area
+    dx = xs[None, None, :] - cx[:, None, None]                                     # (F, 1, W)
+    dy = ys[None, :, None] - cy[:, None, None]                                     # (F, H, 1)
+    E = lambda f: (m * f).sum((1, 2)) / area
+    skew = E(dy ** 3) / np.maximum(E(dy ** 2), 1e-6) ** 1.5
+    corner = E(dx ** 2 * dy ** 2) / np.maximum(0.5 * (E(dx ** 4) + E(dy ** 4)), 1e-6)
+    return skew, corner
 
 
-def classify_shape(fill: float, top: float) -> str:
-    if top < 0.38:
+def classify_shape(skew: float, corner: float) -> str:
+    if skew < -0.2:
         return "triangle"
-    return "square" if fill >= 0.88 else "circle"
+    return "square" if corner >= 0.44 else "circle"
 
 
 def direction_from_velocity(vx: float, vy: float, min_speed: float) -> str | None:
-    """8 sectors of 45 degrees around the direction vectors; None if slower than min_speed (px per frame)."""
+    """The direction whose 45-degree sector holds (vx, vy) (image coordinates); None if slower than min_speed."""
     if math.hypot(vx, vy) < min_speed:
         return None
     angle = math.atan2(vy, vx)
-    best = min(DIRECTION_VECTORS, key=lambda d: abs(math.remainder(angle - math.atan2(DIRECTION_VECTORS[d][1],
-                                                                                        DIRECTION_VECTORS[d][0]),
-                                                                   2 * math.pi)))
-    return best
+    gap = lambda d: abs(math.remainder(angle - math.atan2(DIRECTION_VECTORS[d][1], DIRECTION_VECTORS[d][0]),
+                                       2 * math.pi))
+    return min(DIRECTION_VECTORS, key=gap)
 
 
 def _check_frames(frames) -> np.ndarray:
@@ -162,7 +165,7 @@ def flicker(frames: np.ndarray) -> float:
     frames = _check_frames(frames)
     x = frames.astype(np.float32)
     bright = x.max(-1) >= V_BACKGROUND * 255                                       # (F, H, W)
-    bg = ~_shift_reduce(bright, 2, np.logical_or)
+    bg = ~dilate(bright, 2)
     both = bg[1:] & bg[:-1]                                                        # (F-1, H, W)
     diff = np.abs(x[1:] - x[:-1]).mean(-1) / 255.0                                 # (F-1, H, W)
     if both.sum() == 0:           # no background anywhere: fall back to all pixels
@@ -184,7 +187,7 @@ def evaluate_video(prompt: str, frames: np.ndarray, free_frames: int | None = No
     free = default_free_frames(F) if free_frames is None else min(free_frames, F - 1)
     clip = frames[:free + 1]                                                       # (T, H, W, 3) no bounces here
     labels = classify_pixels(clip)                                                 # (T, H, W)
-    masks = open_mask(labels[None] == np.arange(len(COLOR_NAMES), dtype=np.int8)[:, None, None, None])  # (K, T, H, W)
+    masks = clean_mask(labels[None] == np.arange(len(COLOR_NAMES), dtype=np.int8)[:, None, None, None])  # (K, T, H, W)
     counts = masks.sum((2, 3))                                                     # (K, T)
     min_pixels = max(4.0, min_area * H * W)
     present = ((counts >= min_pixels).mean(1) >= 0.5)                              # (K,)
@@ -199,8 +202,7 @@ def evaluate_video(prompt: str, frames: np.ndarray, free_frames: int | None = No
         m, seen = masks[k], counts[k] >= min_pixels                                # (T, H, W), (T,)
         pred_shape, velocity, pred_dir = None, None, None
         if seen.sum() >= 2:
-            fill, top = _shape_features(m[seen])
-            votes = Counter(classify_shape(f, p) for f, p in zip(fill, top))
+            votes = Counter(classify_shape(a, b) for a, b in zip(*shape_features(m[seen])))
             pred_shape = votes.most_common(1)[0][0]
             area = counts[k][seen].astype(np.float64)
             cx = (m[seen].sum(1) * xs).sum(1) / area                               # (n,)

@@ -173,13 +173,20 @@ def parse_prompt(prompt: str, max_objects: int | None = 2) -> PromptSpec:
     i = words.index("moving")
     head, tail = words[:i], " ".join(words[i + 1:])
     if tail not in DIRECTION_VECTORS:
-        raise ValueError(f"ungrammatical prompt {prompt!r}: {tail!r} after 'moving' is not a direction; "
+        swapped = " ".join(tail.split()[::-1])
+        hint = f" (did you mean {swapped!r}?)" if swapped in DIRECTION_VECTORS else ""
+        raise ValueError(f"ungrammatical prompt {prompt!r}: {tail!r} after 'moving' is not a direction{hint}; "
                          f"directions are {', '.join(repr(d) for d in DIRECTIONS)}")
+    chunks = [[]]
+    for w in head:  # split the words before 'moving' at each 'and'
+        if w == "and":
+            chunks.append([])
+        else:
+            chunks[-1].append(w)
     objects = []
-    for j, chunk in enumerate(" ".join(head).split(" and ") if head else [""]):
-        w = chunk.split()
+    for j, w in enumerate(chunks):
         if len(w) != 3 or w[0] != "a" or w[1] not in COLORS or w[2] not in SHAPES:
-            raise ValueError(f"ungrammatical prompt {prompt!r}: object {j + 1} is {chunk!r}, expected "
+            raise ValueError(f"ungrammatical prompt {prompt!r}: object {j + 1} is {' '.join(w)!r}, expected "
                              f"'a <colour> <shape>' (colours: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)}); "
                              f"a prompt has the form {form}")
         objects.append((w[1], w[2]))

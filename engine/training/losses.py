@@ -62,7 +62,7 @@ def as_x0_fn(flow_fn: ScoreFn, schedule: FlowSchedule) -> ScoreFn:
     """Wrap a raw flow predictor `v = flow_fn(x_t, t)` into an x0-predictor `x_t - s v`."""
 
     def x0_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return flow_to_x0(x_t, flow_fn(x_t, t), schedule.sigma_of(t))
+        return flow_to_x0(x_t, flow_fn(x_t, t), schedule.sigma_of(t.to(x_t.dtype)))
 
     return x0_fn
 
@@ -114,6 +114,11 @@ def _draw(schedule: FlowSchedule, x: torch.Tensor, generator, t, eps, min_frac, 
     return t, eps
 
 
+def _sigma(schedule: FlowSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sigma = t / T, computed in the compute dtype of `like` (float64 stays exact for float64 inputs)."""
+    return schedule.sigma_of(t.to(like.dtype))
+
+
 def _check_pred(name: str, pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # A silently broadcast prediction would give a wrong, finite loss: refuse it.
     if pred.shape != x.shape:
@@ -161,7 +166,7 @@ class DMDLoss:
         """The normalised DMD direction `grad` (x.shape, compute dtype) and the normaliser w (B, 1, ...)."""
         with torch.no_grad():
             xc = x.detach().to(_compute_dtype(x))
-            x_t = add_noise(xc, eps, self.schedule.sigma_of(t))  # (B, ...)
+            x_t = add_noise(xc, eps, _sigma(self.schedule, t, xc))  # (B, ...)
             f_r = _check_pred("real_fn", real_fn(x_t, t), x)
             f_f = _check_pred("fake_fn", fake_fn(x_t, t), x)
             w = _per_sample_abs_mean(xc - f_r) + self.eps_norm  # (B, 1, ...)
@@ -229,7 +234,7 @@ class SiDLoss:
                  t: torch.Tensor | None = None, eps: torch.Tensor | None = None):
         t, eps = _draw(self.schedule, x, generator, t, eps, self.min_frac, self.max_frac)
         xc = x.to(eps.dtype)
-        x_t = add_noise(xc, eps, self.schedule.sigma_of(t))  # (B, ...), differentiable in x
+        x_t = add_noise(xc, eps, _sigma(self.schedule, t, xc))  # (B, ...), differentiable in x
         f_r = _check_pred("real_fn", real_fn(x_t, t), x)
         f_f = _check_pred("fake_fn", fake_fn(x_t, t), x)
         if self.normalize:
@@ -278,7 +283,7 @@ class CriticLoss:
                  eps: torch.Tensor | None = None):
         t, eps = _draw(self.schedule, x, generator, t, eps, self.min_frac, self.max_frac)
         x = x.detach().to(eps.dtype)
-        sigma = self.schedule.sigma_of(t)
+        sigma = _sigma(self.schedule, t, x)
         x_t = add_noise(x, eps, sigma)  # (B, ...)
         pred = _check_pred("flow_fn", flow_fn(x_t, t), x)
         if self.target == "flow":

@@ -1,0 +1,66 @@
+"""python -m engine train STAGE --config FILE --output-dir DIR [--max-steps N] [--resume] [--key value ...]
+
+STAGE: teacher | ode-init | dmd. FILE: a YAML preset (a path, or a name from configs/ such as tiny-dmd).
+`--key value` overrides any config key with a dotted path (`--dmd.loss sid --optim.lr 1e-5`); values are YAML.
+Several processes: `accelerate launch --config_file configs/accelerate-ddp.yaml -m engine train ...` or
+`torchrun --nproc_per_node N -m engine train ...`. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import STAGES, dump_config, list_presets, load_config
+
+EXIT_NONFINITE = 3
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help=f"YAML preset: a path or a name in configs/ ({', '.join(list_presets())})")
+    p.add_argument("--output-dir", help="run directory (metrics, checkpoints, engine directories, samples)")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("stage", choices=STAGES)
+    _options(p)
+    # everything after STAGE, including the options above when they come after it, lands here: run() sorts it out
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value config overrides (dotted keys)")
+
+
+def parse(args) -> tuple[argparse.Namespace, list[str]]:
+    """Split the remainder into the known options and the config overrides."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _options(p)
+    known, overrides = p.parse_known_args(args.overrides or [])
+    for k, v in vars(known).items():
+        if v not in (None, False):
+            setattr(args, k, v)
+    return args, overrides
+
+
+def run(args) -> int:
+    args, overrides = parse(args)
+    if not args.config:
+        raise ValueError("--config FILE is required (a YAML preset; see configs/)")
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if not args.output_dir:
+        raise ValueError("--output-dir DIR is required")
+    from .trainer import train
+
+    result = train(cfg, args.output_dir, stage=args.stage, resume=args.resume, max_steps=args.max_steps)
+    if result.stopped == "nonfinite":
+        print(f"error: the run stopped at step {result.step} after too many non-finite steps in a row",
+              file=sys.stderr)
+        return EXIT_NONFINITE
+    if result.stage.rt.is_main:
+        print(f"done: step {result.step}; engine directory {result.output_dir / result.stage.product}")
+    return 0

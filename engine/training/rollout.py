@@ -1,0 +1,130 @@
+"""The Self-Forcing rollout: the generator samples a video with its own KV cache, exactly as at inference,
+and keeps gradient only where the distillation loss needs it (Huang et al. 2025, "Self Forcing", Alg. 1).
+
+Per block b of `num_frame_per_block` latent frames, with few-step timesteps t_0 > t_1 > ... > t_{K-1} and a
+random exit step e_b (shared by all processes, so every replica runs the same number of network calls):
+
+    x = z0[b]                                                        sigma = 1
+    for i < e_b:  (no gradient)   x0 = x - s_i v(x, t_i);  x = (1 - s_{i+1}) x0 + s_{i+1} step[i][b]
+    exit step:    (gradient)      x0_b = x - s_e v(x, t_e)              <- the block's output
+    context:      (no gradient)   v(x0_b noised to context_t, context_t)  written to the KV cache
+
+so the graph of one rollout holds one network call per block, and training sees the same cache contents,
+timesteps and noise layout (`SamplerNoise`) as `block_sampler.iter_blocks` at inference. A block that exits at
+step e stops at an intermediate sample of the few-step chain: its x0 prediction from t_e is what the generator
+would produce if it stopped there; the distribution-matching loss is applied to it.
+
+The prompt's cross-attention K/V (cached once per prompt at inference) are recomputed inside each exit step's
+graph: the same numbers, but the text path (text embedder, cross-attention K/V projections) receives the
+gradient of its effect on the exit step, and every parameter takes part in every backward pass (which DDP needs).
+
+Options: the same exit step for all blocks (`same_step_across_blocks`), the last step only, no gradient for
+the first block (`grad_first_block=False`: its frames are masked out of the loss), and the context noise
+(`schedule.context_t`). The denoised-timestep range [t_{e+1} (0 after the last step), t_e] is recorded per
+block (Self-Forcing's denoised_timestep_to / _from); the DMD loss can draw its timesteps inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.models.kv_cache import KVCache
+from engine.sampling.noise import SamplerNoise
+from engine.sampling.schedule import FewStepSchedule, add_noise, flow_to_x0
+
+
+@dataclass
+class RolloutResult:
+    x0: torch.Tensor  # (B, C, F, H, W) float32; gradient only through each block's exit step
+    exit_steps: list[int]  # one per block
+    grad_frames: torch.Tensor  # (F,) bool: frames whose x0 carries gradient
+    block_ranges: list[tuple[float, float]]  # per block (timestep_to, timestep_from) of its exit step
+
+    @property
+    def timestep_range(self) -> tuple[float, float]:
+        """(to, from): the union of the denoised-timestep ranges of the blocks with gradient."""
+        ranges = [r for r, g in zip(self.block_ranges, self._block_grad()) if g] or self.block_ranges
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+    def _block_grad(self) -> list[bool]:
+        n = len(self.exit_steps)
+        fpb = self.grad_frames.numel() // n
+        return [bool(self.grad_frames[b * fpb]) for b in range(n)]
+
+
+def draw_exit_steps(num_blocks: int, num_steps: int, generator: torch.Generator, *,
+                    same_step_across_blocks: bool = True, last_step_only: bool = False) -> list[int]:
+    """Exit step per block, uniform over the few-step list. Give every process the same generator seed."""
+    if last_step_only:
+        return [num_steps - 1] * num_blocks
+    n = 1 if same_step_across_blocks else num_blocks
+    steps = torch.randint(0, num_steps, (n,), generator=generator).tolist()
+    return steps * num_blocks if same_step_across_blocks else steps
+
+
+def self_forcing_rollout(
+    model: Callable,
+    cond: torch.Tensor,
+    noise: SamplerNoise,
+    schedule: FewStepSchedule,
+    make_cache: Callable[[], KVCache],
+    *,
+    num_frame_per_block: int,
+    exit_steps: list[int],
+    grad: bool = True,
+    grad_first_block: bool = True,
+    dtype: torch.dtype | None = None,
+) -> RolloutResult:
+    """Roll the generator out over all blocks of `noise` (see the module docstring).
+
+    model: the causal transformer (possibly wrapped by DDP / FSDP), called as model(x, t (B, Fb), cond,
+        kv_cache=..., update_cache=...). cond: prompt embeddings (B, L, D). noise: z0 (B, C, F, H, W) and the
+        re-noising / context noises of `schedule` (`block_sampler.num_renoise`). make_cache: a fresh KV cache
+        for this rollout; use a differentiable one when grad=True. grad=False: a plain sample (critic updates).
+    """
+    B, _, n_frames, _, _ = noise.shape
+    if n_frames % num_frame_per_block:
+        raise ValueError(f"{n_frames} latent frames are not whole blocks of {num_frame_per_block}")
+    num_blocks = n_frames // num_frame_per_block
+    K = len(schedule)
+    if len(exit_steps) != num_blocks or not all(0 <= e < K for e in exit_steps):
+        raise ValueError(f"need one exit step in [0, {K}) per block ({num_blocks}), got {exit_steps}")
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    sigmas, timesteps = schedule.sigmas, schedule.timesteps
+    device = noise.z0.device
+    cache = make_cache()
+    cond = cond.to(device, dtype)
+
+    def call(x, t, update=False):  # x (B, C, Fb, H, W) float32 -> flow (B, C, Fb, H, W)
+        t_frames = torch.full((B, x.shape[2]), float(t), device=device, dtype=torch.float32)  # (B, Fb)
+        return model(x.to(dtype), t_frames, cond, kv_cache=cache, update_cache=update).sample
+
+    outputs, ranges, grad_frames = [], [], []
+    for b in range(num_blocks):
+        start, stop = b * num_frame_per_block, (b + 1) * num_frame_per_block
+        x, steps = noise.block(start, stop)
+        x = x.float()
+        e = exit_steps[b]
+        with_grad = grad and (grad_first_block or b > 0)
+        with torch.no_grad():
+            for i in range(e):  # the steps before the exit: no gradient
+                x0 = flow_to_x0(x, call(x, timesteps[i]), sigmas[i])
+                x = add_noise(x0, steps[i], sigmas[i + 1])
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+            if torch.is_grad_enabled():  # recompute the prompt's cross-attention K/V inside the graph (see above)
+                cache.cross = [None] * len(cache.cross)
+            x0 = flow_to_x0(x, call(x, timesteps[e]), sigmas[e])  # (B, C, Fb, H, W): the exit step
+        outputs.append(x0)
+        ranges.append((timesteps[e + 1] if e + 1 < K else 0.0, timesteps[e]))
+        grad_frames += [with_grad] * num_frame_per_block
+        if b + 1 < num_blocks:  # the clean (optionally re-noised) block becomes context, without gradient
+            with torch.no_grad():
+                ctx = x0.detach()
+                if schedule.context_t > 0:
+                    ctx = add_noise(ctx, steps[-1], schedule.context_sigma)  # the last noise is the context's
+                call(ctx, schedule.context_t, update=True)
+    return RolloutResult(torch.cat(outputs, dim=2), list(exit_steps), torch.tensor(grad_frames), ranges)

@@ -1,0 +1,618 @@
+"""The default model's recipe: shapes videos -> tiny Wan teacher -> 4-step causal student (ODE init [-> DMD]).
+
+A compact, self-contained driver for the stages of the shipped model `checkpoints/shapes-sf`, written for a
+2-core CPU. It uses the project's pieces (losses.py, ode.py, rollout.py, the block sampler, the schedule,
+CausalWanTransformer3DModel, Engine) and only adds the loops. Every stage is time-budgeted (`--minutes`),
+writes its outputs under `run_dir` and can be resumed (`--resume`).
+
+    python -m engine.training.vae --output-dir /work/runs/vae --minutes 17 --threads 1   # the codec
+    python -m engine.training.shapes_recipe latents  --config configs/shapes-recipe.yaml
+    python -m engine.training.shapes_recipe teacher  --config configs/shapes-recipe.yaml
+    python -m engine.training.shapes_recipe ode-bank --config configs/shapes-recipe.yaml
+    python -m engine.training.shapes_recipe ode-init --config configs/shapes-recipe.yaml
+    python -m engine.training.shapes_recipe dmd      --config configs/shapes-recipe.yaml   # optional
+    python -m engine.training.shapes_recipe eval     --config configs/shapes-recipe.yaml --which teacher|student
+    python -m engine.training.shapes_recipe ship     --config configs/shapes-recipe.yaml --out checkpoints/shapes-sf
+
+Stages:
+- latents: the text encoder (tiny UMT5, frozen at its seeded random init, word tokenizer over VOCABULARY) and
+  the latents of `latents.num_clips` dataset clips, encoded once (posterior mode, normalised).
+- teacher: a bidirectional Wan transformer (the causal class called without mask or cache computes exactly
+  what WanTransformer3DModel computes), flow matching on the cached latents, caption dropout (zero
+  embeddings, the Engine's unconditional input) for classifier-free guidance, EMA.
+- ode-bank: teacher ODE trajectories (Euler, `ode.steps` steps, CFG), states kept at the student's 4 timesteps.
+- ode-init: the causal student, initialised from the teacher, regresses each block's trajectory x0 from the
+  trajectory state at a random one of its 4 timesteps, with the previous blocks' clean x0 in its KV cache
+  (the cache holds clean context at inference too).
+- dmd: Self-Forcing DMD: the student's own KV-cached rollout, DMD loss against the CFG teacher, a critic trained
+  by denoising on the student's samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from diffusers import AutoencoderKLWan
+from safetensors.torch import load_file, save_file
+
+from engine.data.evaluate import EVAL_PROMPTS, evaluate, format_table
+from engine.data.shapes import VOCABULARY, ShapesConfig, ShapesDataset
+from engine.models.causal_wan import CausalWanTransformer3DModel
+from engine.models.text import build_word_tokenizer, encode_prompts, tiny_umt5
+from engine.pipeline import Engine, to_uint8
+from engine.sampling.block_sampler import Conditioning, num_renoise, sample
+from engine.sampling.codec import decode_full, normalize_latents
+from engine.sampling.noise import SamplerNoise
+from engine.sampling.schedule import FewStepSchedule, FlowSchedule, flow_to_x0
+from engine.training.losses import CriticLoss, DMDLoss, FlowMatchingLoss, ODERegressionLoss, as_x0_fn, cfg as cfg_fn
+from engine.training.ode import guided_flow, ode_grid, ode_solve
+from engine.training.rollout import draw_exit_steps, self_forcing_rollout
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class RecipeConfig:
+    run_dir: str = "/work/runs/shapes"
+    vae_dir: str = "/work/runs/vae/vae"
+    threads: int = 0
+    seed: int = 0
+    # text encoder (frozen at random init)
+    text_d_model: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_d_ff: int = 128
+    text_max_length: int = 16
+    # transformer (teacher and student share it)
+    transformer: dict = field(default_factory=lambda: dict(
+        patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=64, ffn_dim=384, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024))
+    # sampling conventions
+    shift: float = 3.0
+    denoising_steps: list = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    num_frame_per_block: int = 3
+    # latents
+    num_clips: int = 1500
+    data_seed: int = 1
+    encode_batch: int = 8
+    latents_minutes: float = 15.0
+    shard_index: int = 0
+    shard_count: int = 1
+    # teacher
+    teacher_minutes: float = 30.0
+    teacher_batch: int = 32
+    teacher_lr: float = 4e-4
+    teacher_ema: float = 0.999
+    caption_dropout: float = 0.1
+    guidance_scale: float = 3.0        # standard convention uncond + w (cond - uncond)
+    teacher_steps: int = 32
+    # ode bank / init
+    ode_trajectories: int = 1024
+    ode_batch: int = 64
+    ode_bank_minutes: float = 10.0
+    ode_minutes: float = 12.0
+    ode_batch_size: int = 32
+    ode_lr: float = 2e-4
+    # dmd
+    dmd_minutes: float = 10.0
+    dmd_batch: int = 8
+    dmd_lr: float = 2e-6
+    critic_lr: float = 1e-4
+    critic_steps: int = 3
+    # evaluation
+    eval_seeds: list = field(default_factory=lambda: [0, 1])
+    eval_batch: int = 16
+    eval_limit: int = 0                # 0: all EVAL_PROMPTS (smoke tests use fewer)
+
+    @classmethod
+    def load(cls, path: str | None, overrides: list[str] = ()) -> "RecipeConfig":
+        data = yaml.safe_load(Path(path).read_text()) if path else {}
+        for item in overrides:
+            k, v = item.split("=", 1)
+            data[k.replace("-", "_")] = yaml.safe_load(v)
+        valid = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown recipe keys {unknown}; valid: {', '.join(sorted(valid))}")
+        return cls(**data)
+
+    @property
+    def run(self) -> Path:
+        return Path(self.run_dir)
+
+    def flow(self) -> FlowSchedule:
+        return FlowSchedule(1000, self.shift)
+
+    def few_step(self) -> FewStepSchedule:
+        return FewStepSchedule.from_denoising_steps(self.denoising_steps, shift=self.shift, warp=True)
+
+
+def log_line(path: Path, rec: dict) -> None:
+    print(rec, flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int = 100, final: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class Budget:
+    """Wall-clock budget of a stage; estimates the total step count from the speed so far (for the LR)."""
+
+    def __init__(self, minutes: float, elapsed: float = 0.0):
+        self.seconds, self.t0 = minutes * 60, time.perf_counter() - elapsed
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> bool:
+        return self.elapsed() < self.seconds
+
+    def total_steps(self, step: int, default: int = 10_000) -> int:
+        return default if step < 20 else int(step * self.seconds / max(self.elapsed(), 1e-6))
+
+
+# ------------------------------------------------------------------------------------------------ components
+
+def load_vae(c: RecipeConfig) -> AutoencoderKLWan:
+    return AutoencoderKLWan.from_pretrained(c.vae_dir).eval()
+
+
+def build_text(c: RecipeConfig):
+    tok = build_word_tokenizer(VOCABULARY)
+    torch.manual_seed(c.seed)
+    te = tiny_umt5(len(tok.get_vocab()), d_model=c.text_d_model, num_layers=c.text_layers,
+                   num_heads=c.text_heads, d_ff=c.text_d_ff).eval()
+    return te, tok
+
+
+def load_text(c: RecipeConfig):
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    return (UMT5EncoderModel.from_pretrained(c.run / "base" / "text_encoder").eval(),
+            AutoTokenizer.from_pretrained(c.run / "base" / "tokenizer"))
+
+
+class Embedder:
+    """Caption -> prompt embeddings (L, D), memoised (the text encoder is frozen)."""
+
+    def __init__(self, te, tok, max_length: int):
+        self.te, self.tok, self.max_length, self.memo = te, tok, max_length, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        new = sorted({c for c in captions if c not in self.memo})
+        if new:
+            emb = encode_prompts(self.te, self.tok, new, max_length=self.max_length)
+            self.memo.update(zip(new, emb))
+        return torch.stack([self.memo[c] for c in captions])
+
+
+def new_transformer(c: RecipeConfig) -> CausalWanTransformer3DModel:
+    torch.manual_seed(c.seed)
+    return CausalWanTransformer3DModel(**c.transformer)
+
+
+def load_transformer(folder: Path) -> CausalWanTransformer3DModel:
+    return CausalWanTransformer3DModel.from_pretrained(folder).eval()
+
+
+def latent_shape(c: RecipeConfig, vae) -> tuple:
+    s = ShapesConfig()
+    return (c.transformer["in_channels"], (s.num_frames - 1) // 4 + 1, s.height // 8, s.width // 8)
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+@torch.no_grad()
+def stage_latents(c: RecipeConfig, resume: bool) -> None:
+    """Text encoder + tokenizer into run/base; latents of up to num_clips clips into run/latents-*.safetensors.
+
+    Clips i = shard_index (mod shard_count), so several single-thread processes can encode side by side;
+    encoding stops at the time budget and later stages use whatever was encoded (the count is logged)."""
+    out = c.run
+    (out / "base").mkdir(parents=True, exist_ok=True)
+    if c.shard_index == 0:
+        te, tok = build_text(c)
+        te.save_pretrained(out / "base" / "text_encoder")
+        tok.save_pretrained(out / "base" / "tokenizer")
+    vae = load_vae(c)
+    data = ShapesDataset(ShapesConfig(), seed=c.data_seed, length=c.num_clips)
+    budget = Budget(c.latents_minutes)
+    mine = list(range(c.shard_index, c.num_clips, c.shard_count))
+    pattern = f"latents-s{c.shard_index:02d}-*.safetensors"
+    shards = sorted(out.glob(pattern))
+    done = sum(load_file(p)["latents"].shape[0] for p in shards) if resume else 0
+    if not resume:
+        for p in shards:
+            p.unlink()
+    k = done
+    while k < len(mine) and budget.left():
+        idx = mine[k : k + 32]
+        lats, caps = [], []
+        for s in range(0, len(idx), c.encode_batch):
+            items = [data[j] for j in idx[s : s + c.encode_batch]]
+            video = torch.stack([it["video"] for it in items])  # (B, 3, T, H, W)
+            z = vae.encode(video).latent_dist.mode()
+            lats.append(normalize_latents(vae, z).float())
+            caps += [it["caption"] for it in items]
+        save_file({"latents": torch.cat(lats).contiguous()},
+                  out / f"latents-s{c.shard_index:02d}-{k:06d}.safetensors", metadata={"captions": json.dumps(caps)})
+        k += len(idx)
+        log_line(out / f"latents-s{c.shard_index:02d}.log", {"clips": k, "minutes": budget.elapsed() / 60})
+
+
+def read_latents(c: RecipeConfig) -> tuple[torch.Tensor, list[str]]:
+    from safetensors import safe_open
+
+    lats, caps = [], []
+    for p in sorted(c.run.glob("latents-*.safetensors")):
+        with safe_open(str(p), "pt") as f:
+            caps += json.loads(f.metadata()["captions"])
+            lats.append(f.get_tensor("latents"))
+    return torch.cat(lats), caps
+
+
+def _save_state(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def stage_teacher(c: RecipeConfig, resume: bool) -> None:
+    out = c.run / "teacher"
+    out.mkdir(parents=True, exist_ok=True)
+    lat, caps = read_latents(c)
+    te, tok = load_text(c)
+    embed = Embedder(te, tok, c.text_max_length)
+    emb_all = embed(caps)  # (N, L, D)
+    model = new_transformer(c).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.teacher_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    step, elapsed = 0, 0.0
+    if resume and (out / "state.pt").is_file():
+        st = torch.load(out / "state.pt", weights_only=False)
+        model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["optim"])
+        step, elapsed = st["step"], st["elapsed"]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"teacher: {n_params / 1e6:.2f}M parameters, {len(caps)} clips", flush=True)
+    fm = FlowMatchingLoss(c.flow())
+    g = torch.Generator().manual_seed(c.seed + 1000 * step)
+    budget = Budget(c.teacher_minutes, elapsed)
+    t_save = time.perf_counter()
+    while budget.left():
+        lr = cosine_lr(step, budget.total_steps(step), c.teacher_lr)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = torch.randint(0, len(caps), (c.teacher_batch,), generator=g)
+        x, emb = lat[idx], emb_all[idx].clone()
+        drop = torch.rand(c.teacher_batch, generator=g) < c.caption_dropout
+        emb[drop] = 0.0  # the unconditional input: zero embeddings, as Engine.conditioning uses
+        loss, logs = fm(x, lambda x_t, t: model(x_t, t, emb).sample, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            d = min(c.teacher_ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        if step % 25 == 0:
+            log_line(out / "log.jsonl", {"step": step, **logs, "grad_norm": float(gn), "lr": lr,
+                                         "minutes": budget.elapsed() / 60})
+        if time.perf_counter() - t_save > 120:
+            _save_state(out / "state.pt", model=model.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(),
+                        step=step, elapsed=budget.elapsed())
+            ema.save_pretrained(out / "transformer")
+            t_save = time.perf_counter()
+    _save_state(out / "state.pt", model=model.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(),
+                step=step, elapsed=budget.elapsed())
+    ema.save_pretrained(out / "transformer")
+    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
+                                                  "params": n_params, "clips": len(caps)}, indent=2))
+
+
+@torch.no_grad()
+def stage_ode_bank(c: RecipeConfig, resume: bool) -> None:
+    """Teacher trajectories from seeded noise for dataset captions; states at the student's timesteps."""
+    out = c.run / "ode"
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_transformer(c.run / "teacher" / "transformer")
+    te, tok = load_text(c)
+    embed = Embedder(te, tok, c.text_max_length)
+    data = ShapesDataset(ShapesConfig(), seed=c.data_seed + 100, length=c.ode_trajectories)
+    keep = list(c.few_step().timesteps)
+    grid = ode_grid(c.flow(), c.teacher_steps, keep=keep)
+    shape = latent_shape(c, None)
+    budget = Budget(c.ode_bank_minutes)
+    done = len(list(out.glob("bank-*.safetensors"))) * c.ode_batch if resume else 0
+    for s in range(done, c.ode_trajectories, c.ode_batch):
+        if not budget.left():
+            break
+        idx = list(range(s, min(c.ode_trajectories, s + c.ode_batch)))
+        caps = [data.spec(i) for i in idx]
+        from engine.data.shapes import caption
+        caps = [caption(sp) for sp in caps]
+        g = torch.Generator().manual_seed(10_000 + s)
+        z = torch.randn((len(idx), *shape), generator=g)
+        cond = embed(caps)
+        states, x0 = ode_solve(teacher, z, cond, torch.zeros_like(cond), c.guidance_scale, grid, keep=keep)
+        save_file({"states": states.contiguous(), "x0": x0.contiguous(), "prompt_embeds": cond.contiguous()},
+                  out / f"bank-{s:06d}.safetensors", metadata={"captions": json.dumps(caps)})
+        log_line(out / "bank.log", {"trajectories": s + len(idx), "minutes": budget.elapsed() / 60})
+
+
+def read_bank(c: RecipeConfig):
+    parts = [load_file(p) for p in sorted((c.run / "ode").glob("bank-*.safetensors"))]
+    return {k: torch.cat([p[k] for p in parts]) for k in ("states", "x0", "prompt_embeds")}
+
+
+def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
+    out = c.run / "ode-init"
+    out.mkdir(parents=True, exist_ok=True)
+    bank = read_bank(c)
+    N = bank["x0"].shape[0]
+    model = load_transformer(c.run / "teacher" / "transformer").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=c.ode_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    step, elapsed = 0, 0.0
+    if resume and (out / "state.pt").is_file():
+        st = torch.load(out / "state.pt", weights_only=False)
+        model.load_state_dict(st["model"]), opt.load_state_dict(st["optim"])
+        step, elapsed = st["step"], st["elapsed"]
+    sched = c.few_step()
+    ts, sig = torch.tensor(sched.timesteps), torch.tensor(sched.sigmas)
+    K, fpb = len(sched), c.num_frame_per_block
+    ode = ODERegressionLoss()
+    g = torch.Generator().manual_seed(c.seed + 7 + step)
+    budget = Budget(c.ode_minutes, elapsed)
+    _, _, n_frames, h, w = bank["x0"].shape
+    t_save = time.perf_counter()
+    print(f"ode-init: {N} trajectories", flush=True)
+    while budget.left():
+        lr = cosine_lr(step, budget.total_steps(step), c.ode_lr, warmup=50)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = torch.randint(0, N, (c.ode_batch_size,), generator=g)
+        states, x0, emb = bank["states"][idx], bank["x0"][idx], bank["prompt_embeds"][idx]
+        B = len(idx)
+        cache = model.make_cache(h, w, max_frames=n_frames - fpb, differentiable=True)
+        losses = []
+        for b in range(n_frames // fpb):
+            sl = slice(b * fpb, (b + 1) * fpb)
+            k = torch.randint(0, K, (B,), generator=g)  # per-sample step of the few-step list
+            x_in = states[torch.arange(B), k][:, :, sl]  # (B, C, Fb, H, W)
+            t = ts[k][:, None].expand(B, fpb).float()  # (B, Fb)
+            v = model(x_in, t, emb, kv_cache=cache).sample
+            pred = flow_to_x0(x_in, v, sig[k][:, None].expand(B, fpb))
+            losses.append(ode(pred, x0[:, :, sl])[0])
+            if b + 1 < n_frames // fpb:  # clean context, as the sampler writes it (context_t = 0)
+                model(x0[:, :, sl], torch.zeros(B, fpb), emb, kv_cache=cache, update_cache=True)
+        loss = torch.stack(losses).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 10 == 0:
+            log_line(out / "log.jsonl", {"step": step, "ode_loss": loss.item(),
+                                         **{f"block{i}": l.item() for i, l in enumerate(losses)},
+                                         "grad_norm": float(gn), "lr": lr, "minutes": budget.elapsed() / 60})
+        if time.perf_counter() - t_save > 120:
+            _save_state(out / "state.pt", model=model.state_dict(), optim=opt.state_dict(), step=step,
+                        elapsed=budget.elapsed())
+            model.save_pretrained(out / "transformer")
+            t_save = time.perf_counter()
+    _save_state(out / "state.pt", model=model.state_dict(), optim=opt.state_dict(), step=step,
+                elapsed=budget.elapsed())
+    model.save_pretrained(out / "transformer")
+    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
+                                                  "trajectories": N}, indent=2))
+
+
+def stage_dmd(c: RecipeConfig, resume: bool) -> None:
+    """Self-Forcing DMD from the ode-init student; the teacher (CFG) is the real score, a critic the fake one."""
+    out = c.run / "dmd"
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_transformer(c.run / "teacher" / "transformer").requires_grad_(False)
+    gen = load_transformer(c.run / "ode-init" / "transformer").train()
+    critic = load_transformer(c.run / "teacher" / "transformer").train()
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=c.dmd_lr, weight_decay=0.0, betas=(0.0, 0.999))
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=c.critic_lr, weight_decay=0.0, betas=(0.0, 0.999))
+    step, elapsed = 0, 0.0
+    if resume and (out / "state.pt").is_file():
+        st = torch.load(out / "state.pt", weights_only=False)
+        gen.load_state_dict(st["gen"]), critic.load_state_dict(st["critic"])
+        opt_g.load_state_dict(st["opt_g"]), opt_c.load_state_dict(st["opt_c"])
+        step, elapsed = st["step"], st["elapsed"]
+    lat, caps = read_latents(c)
+    te, tok = load_text(c)
+    embed = Embedder(te, tok, c.text_max_length)
+    flow, sched = c.flow(), c.few_step()
+    shape = latent_shape(c, None)
+    dmd, crit = DMDLoss(flow), CriticLoss(flow)
+    g = torch.Generator().manual_seed(c.seed + 99 + step)
+    budget = Budget(c.dmd_minutes, elapsed)
+    fpb = c.num_frame_per_block
+    t_save = time.perf_counter()
+
+    def rollout(cond, grad):
+        noise = SamplerNoise.from_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
+                                       (cond.shape[0], *shape), num_renoise(sched))
+        exits = draw_exit_steps(shape[1] // fpb, len(sched), g)
+        return self_forcing_rollout(gen, cond, noise, sched,
+                                    lambda: gen.make_cache(shape[2], shape[3], max_frames=shape[1] - fpb,
+                                                           differentiable=grad),
+                                    num_frame_per_block=fpb, exit_steps=exits, grad=grad).x0
+
+    while budget.left():
+        idx = torch.randint(0, len(caps), (c.dmd_batch,), generator=g)
+        cond = embed([caps[i] for i in idx])
+        uncond = torch.zeros_like(cond)
+        # critic steps on fresh generator samples (no gradient to the generator)
+        for _ in range(c.critic_steps):
+            with torch.no_grad():
+                x = rollout(cond, grad=False)
+            lc, logs_c = crit(x, lambda x_t, t: critic(x_t, t, cond).sample, generator=g)
+            opt_c.zero_grad(set_to_none=True)
+            lc.backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+            opt_c.step()
+        # generator step
+        x = rollout(cond, grad=True)
+        real = cfg_fn(as_x0_fn(lambda x_t, t: teacher(x_t, t, cond).sample, flow),
+                      as_x0_fn(lambda x_t, t: teacher(x_t, t, uncond).sample, flow), c.guidance_scale)
+        fake = as_x0_fn(lambda x_t, t: critic(x_t, t, cond).sample, flow)
+        lg, logs_g = dmd(x, real, fake, generator=g)
+        opt_g.zero_grad(set_to_none=True)
+        lg.backward()
+        gn = torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        opt_g.step()
+        critic.zero_grad(set_to_none=True)
+        step += 1
+        log_line(out / "log.jsonl", {"step": step, **logs_g, **logs_c, "grad_norm": float(gn),
+                                     "minutes": budget.elapsed() / 60})
+        if time.perf_counter() - t_save > 120:
+            _save_state(out / "state.pt", gen=gen.state_dict(), critic=critic.state_dict(),
+                        opt_g=opt_g.state_dict(), opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed())
+            gen.save_pretrained(out / "transformer")
+            t_save = time.perf_counter()
+    _save_state(out / "state.pt", gen=gen.state_dict(), critic=critic.state_dict(), opt_g=opt_g.state_dict(),
+                opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed())
+    gen.save_pretrained(out / "transformer")
+    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def engine_settings(c: RecipeConfig) -> dict:
+    s = ShapesConfig()
+    return dict(denoising_steps=list(c.denoising_steps), warp_denoising_steps=True, shift=c.shift,
+                num_frame_per_block=c.num_frame_per_block, guidance_scale=1.0, text_max_length=c.text_max_length,
+                height=s.height, width=s.width, num_frames=s.num_frames, fps=s.fps)
+
+
+def build_engine(c: RecipeConfig, transformer_dir: Path) -> Engine:
+    te, tok = load_text(c)
+    student = load_transformer(transformer_dir)
+    return Engine(student, load_vae(c), te, tok, **engine_settings(c))
+
+
+@torch.no_grad()
+def eval_videos(c: RecipeConfig, which: str, transformer_dir: Path | None = None, prompts=None) -> tuple:
+    """128 videos (EVAL_PROMPTS x eval_seeds): the student through the block sampler (the Engine's noise for
+    each seed), or the teacher (same z0, Euler teacher_steps steps with CFG). Returns (prompts, uint8 videos,
+    seconds spent generating latents, seconds decoding)."""
+    prompts = prompts or (EVAL_PROMPTS[: c.eval_limit] if c.eval_limit else EVAL_PROMPTS)
+    vae = load_vae(c)
+    te, tok = load_text(c)
+    embed = Embedder(te, tok, c.text_max_length)
+    jobs = [(p, s) for s in c.eval_seeds for p in prompts]
+    shape = latent_shape(c, vae)
+    sched = c.few_step()
+    if which == "teacher":
+        model = load_transformer(transformer_dir or c.run / "teacher" / "transformer")
+        grid = ode_grid(c.flow(), c.teacher_steps)
+    else:
+        model = load_transformer(transformer_dir or c.run / "ode-init" / "transformer")
+    videos, t_gen, t_dec = [], 0.0, 0.0
+    for s in range(0, len(jobs), c.eval_batch):
+        chunk = jobs[s : s + c.eval_batch]
+        cond = embed([p for p, _ in chunk])
+        noises = [SamplerNoise.from_seed(seed, (1, *shape), num_renoise(sched)) for _, seed in chunk]
+        t0 = time.perf_counter()
+        if which == "teacher":
+            z0 = torch.cat([n.z0 for n in noises])
+            _, lat = ode_solve(model, z0, cond, torch.zeros_like(cond), c.guidance_scale, grid)
+        else:
+            noise = SamplerNoise(torch.cat([n.z0 for n in noises]),
+                                 [torch.cat([n.step_noise[i] for n in noises]) for i in range(num_renoise(sched))])
+            caches = model.make_cache(shape[2], shape[3], max_frames=shape[1] - c.num_frame_per_block)
+            lat = sample(model, Conditioning(cond), noise, sched, caches, num_frame_per_block=c.num_frame_per_block)
+        t1 = time.perf_counter()
+        video = decode_full(vae, lat).clamp(-1, 1)  # (B, 3, T, H, W)
+        t_dec += time.perf_counter() - t1
+        t_gen += t1 - t0
+        videos += [to_uint8((v.permute(1, 2, 3, 0) + 1) / 2) for v in video]
+    return [p for p, _ in jobs], videos, t_gen, t_dec
+
+
+def stage_eval(c: RecipeConfig, which: str, transformer_dir: str | None, tag: str | None) -> dict:
+    prompts, videos, t_gen, t_dec = eval_videos(c, which, Path(transformer_dir) if transformer_dir else None)
+    res = evaluate(prompts, videos)
+    tag = tag or which
+    table = format_table({tag: res})
+    print(table, flush=True)
+    summary = {k: res[k] for k in ("n", "color", "shape", "direction", "correct", "flicker")}
+    summary.update(seconds_generate=t_gen, seconds_decode=t_dec, which=which, transformer_dir=transformer_dir)
+    (c.run / f"eval-{tag}.json").write_text(json.dumps(summary, indent=2))
+    (c.run / f"eval-{tag}.md").write_text(table + "\n")
+    np.savez_compressed(c.run / f"eval-{tag}-samples.npz", *videos[:8])
+    return summary
+
+
+def stage_ship(c: RecipeConfig, transformer_dir: str, out: str, card: str | None) -> None:
+    eng = build_engine(c, Path(transformer_dir))
+    if card:
+        eng.model_card = Path(card).read_text()
+    eng.save_pretrained(out)
+    print(f"saved {out}", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["latents", "teacher", "ode-bank", "ode-init", "dmd", "eval", "ship"])
+    p.add_argument("--config", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--minutes", type=float, default=None, help="this stage's wall-clock budget")
+    p.add_argument("--which", default="student", choices=["teacher", "student"])
+    p.add_argument("--transformer", default=None, help="eval / ship: transformer directory")
+    p.add_argument("--tag", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--card", default=None)
+    p.add_argument("--set", nargs="*", default=[], help="key=value overrides of the recipe config")
+    a = p.parse_args(argv)
+    c = RecipeConfig.load(a.config, a.set)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    if a.minutes is not None:
+        key = {"latents": "latents_minutes", "teacher": "teacher_minutes", "ode-bank": "ode_bank_minutes",
+               "ode-init": "ode_minutes", "dmd": "dmd_minutes"}.get(a.stage)
+        if key:
+            setattr(c, key, a.minutes)
+    c.run.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if a.stage == "latents":
+        stage_latents(c, a.resume)
+    elif a.stage == "teacher":
+        stage_teacher(c, a.resume)
+    elif a.stage == "ode-bank":
+        stage_ode_bank(c, a.resume)
+    elif a.stage == "ode-init":
+        stage_ode_init(c, a.resume)
+    elif a.stage == "dmd":
+        stage_dmd(c, a.resume)
+    elif a.stage == "eval":
+        stage_eval(c, a.which, a.transformer, a.tag)
+    elif a.stage == "ship":
+        stage_ship(c, a.transformer or str(c.run / "ode-init" / "transformer"), a.out or "checkpoints/shapes-sf",
+                   a.card)
+    log_line(c.run / "stages.log", {"stage": a.stage, "minutes": (time.perf_counter() - t0) / 60,
+                                    "args": vars(a), "end": time.strftime("%H:%M:%S", time.gmtime())})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,635 @@
+"""The three training stages: what each one builds, checks and computes. The loop lives in trainer.py.
+
+    teacher    flow matching of a bidirectional Wan transformer on video latents, caption dropout for CFG
+    ode-init   regression of the causal generator on the teacher's ODE trajectories (block-causal mask, one
+               random few-step timestep per block), CausVid / Self-Forcing's initialisation
+    dmd        Self-Forcing distillation: generator rollout with its own KV cache; real score = frozen teacher
+               with CFG; fake score = critic initialised from the teacher; DMD, SiD or FGM generator loss
+
+A stage builds its networks and data and checks them (missing directories, incompatible shapes, unknown
+words) in its constructor, before any training step. It exposes `trainables` (name -> module, trained with
+their own AdamW), `updates(step)` (the losses to minimise this step, in order), and knows how to save and
+sample its models. Every random number of a loss comes from `StepRandom`, a pure function of
+(seed, step, update, micro-batch, rank): resuming a run repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.data.shapes import VOCABULARY, ShapesConfig
+from engine.models.causal_wan import CausalWanTransformer3DModel
+from engine.pipeline import Engine, _cast, _quiet, load_model_weights, to_uint8
+from engine.sampling.block_sampler import num_renoise
+from engine.sampling.codec import decode_full
+from engine.sampling.noise import SamplerNoise
+from engine.sampling.schedule import FlowSchedule, flow_to_x0
+
+from .config import TINY_BASE, Config, OptimConfig
+from .data import (Batch, LatentDirSource, PromptEncoder, PromptFileSource, ShapesSource, SyntheticSource, TrainData,
+                   build_latent_cache, seeded)
+from .losses import CriticLoss, FlowMatchingLoss, ODERegressionLoss, as_x0_fn, make_generator_loss
+from .ode import TrajectoryBank, guided_flow, ode_grid, ode_solve
+from .rollout import draw_exit_steps, self_forcing_rollout
+
+COMPAT_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")
+
+
+# ------------------------------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class Runtime:
+    """What a stage needs to know about the processes it runs in (filled by the trainer from accelerate)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    is_main: bool = True
+    barrier: Callable[[], None] = lambda: None
+    output_dir: Path = Path(".")
+    frozen_dtype: torch.dtype = torch.float32  # frozen networks (teacher) are kept in this dtype
+    fsdp: bool = False
+
+
+class StepRandom:
+    """The random streams of one update of one step: CPU generators seeded from
+    (seed, step, update, micro, [rank], purpose). `local` differs per process (noise, timesteps, dropout);
+    `shared` is the same on every process (the rollout's exit steps, so replicas make the same calls)."""
+
+    def __init__(self, seed: int, step: int, update: str, micro: int, rank: int):
+        self.key = (seed, step, _tag(update), micro)
+        self.rank = rank
+
+    def local(self, purpose: str) -> torch.Generator:
+        return seeded(*self.key, self.rank + 1, _tag(purpose))
+
+    def shared(self, purpose: str) -> torch.Generator:
+        return seeded(*self.key, 0, _tag(purpose))
+
+    def local_seed(self, purpose: str) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.local(purpose)))
+
+
+def _tag(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+@dataclass
+class Update:
+    """One optimiser step of `name` on `loss(batch, random) -> (scalar loss, logs)`."""
+
+    name: str
+    loss: Callable[[Batch, StepRandom], tuple[torch.Tensor, dict]]
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Parameters of `module` do not require grad inside the block (gradient still flows through it).
+
+    Gradient checkpointing is off inside too: its recomputation runs during the backward pass, after the block,
+    when the parameters require grad again (a different graph than the forward's).
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    ckpt = getattr(module, "gradient_checkpointing", None)
+    for p, _ in flags:
+        p.requires_grad_(False)
+    if ckpt is not None:
+        module.gradient_checkpointing = False
+    try:
+        yield module
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        if ckpt is not None:
+            module.gradient_checkpointing = ckpt
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Components:
+    """The frozen parts every stage shares, from the base engine directory."""
+
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    tokenizer: object | None
+    transformer_config: dict  # the base's transformer architecture (for a new teacher)
+    source: str
+
+
+def _engine_dir(path: str | None, key: str) -> Path:
+    if not path:
+        raise ValueError(f"config key {key} is required for this stage (an engine directory)")
+    p = Path(path)
+    if not (p / "transformer").is_dir():
+        why = "does not exist" if not p.exists() else "is not an engine directory (no transformer/ inside)"
+        raise FileNotFoundError(f"{key} = {path} {why}")
+    return p
+
+
+def load_components(cfg: Config, stage: str, device) -> Components:
+    """VAE, text encoder and tokenizer of models.base (default: the teacher), without its transformer weights."""
+    base = cfg.models.base or (cfg.models.teacher if stage != "teacher" else None)
+    if base is None:
+        raise ValueError("config key models.base is required for the teacher stage (an engine directory with the "
+                         f"VAE, text encoder and tokenizer; '{TINY_BASE}' builds the tiny test components)")
+    if base == TINY_BASE:
+        from engine.testing import tiny_engine
+
+        eng = tiny_engine()
+        vae, te, tok, tcfg = eng.vae, eng.text_encoder, eng.tokenizer, dict(eng.transformer.config)
+    else:
+        path = _engine_dir(base, "models.base" if cfg.models.base else "models.teacher")
+        if not (path / "vae").is_dir():
+            raise FileNotFoundError(f"{path} has no vae/: the base engine directory must hold the VAE")
+        from diffusers import AutoencoderKLWan
+
+        with _quiet():
+            vae = AutoencoderKLWan.from_pretrained(path / "vae")
+            te = tok = None
+            if (path / "text_encoder").is_dir():
+                from transformers import AutoTokenizer, UMT5EncoderModel
+
+                te = UMT5EncoderModel.from_pretrained(path / "text_encoder")
+                tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+        tcfg = dict(CausalWanTransformer3DModel.load_config(path / "transformer"))
+    for m in (vae, te):
+        if m is not None:
+            m.requires_grad_(False).eval().to(device)
+    return Components(vae, te, tok, tcfg, str(base))
+
+
+def load_transformer(path: str | None, key: str) -> CausalWanTransformer3DModel:
+    """The transformer of an engine directory, float32 on the CPU."""
+    p = _engine_dir(path, key)
+    from ..models.quantized_wan import transformer_class_for
+
+    config = CausalWanTransformer3DModel.load_config(p / "transformer")
+    model = transformer_class_for(config).from_config(config)
+    load_model_weights(model, p / "transformer")
+    return model
+
+
+def check_compatible(models: dict[str, CausalWanTransformer3DModel], z_dim: int) -> None:
+    """Teacher, generator and critic must read and write the same latents and prompt embeddings."""
+    names = list(models)
+    ref = models[names[0]].config
+    for name in names:
+        c = models[name].config
+        if c.in_channels != z_dim:
+            raise ValueError(f"the {name} has in_channels {c.in_channels} but the VAE has z_dim {z_dim}")
+        diff = [f"{k}: {names[0]} {getattr(ref, k)!r} vs {name} {getattr(c, k)!r}" for k in COMPAT_KEYS
+                if tuple(np.atleast_1d(getattr(ref, k))) != tuple(np.atleast_1d(getattr(c, k)))]
+        if diff:
+            raise ValueError(f"the {names[0]} and the {name} are incompatible: {'; '.join(diff)}")
+
+
+def new_transformer(base_config: dict, overrides: dict, seed: int) -> CausalWanTransformer3DModel:
+    """A randomly initialised transformer with the base's architecture and `overrides` (seeded)."""
+    valid = set(inspect.signature(CausalWanTransformer3DModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown transformer setting(s) {unknown} in models.transformer; "
+                         f"valid: {', '.join(sorted(valid))}")
+    config = {k: v for k, v in base_config.items() if k in valid}
+    config.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CausalWanTransformer3DModel(**config)
+
+
+def prepare_trainable(model: torch.nn.Module, cfg: Config, device) -> torch.nn.Module:
+    """float32 master weights (mixed precision autocasts the compute), in training mode."""
+    _cast(model, torch.device(device), torch.float32)
+    model.train().requires_grad_(True)
+    model.gradient_checkpointing = cfg.train.gradient_checkpointing
+    return model
+
+
+def prepare_frozen(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """Frozen networks live in the mixed-precision dtype (half the memory), diffusers' fp32 modules excepted."""
+    _cast(model, torch.device(rt.device), rt.frozen_dtype)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: bool, latent_shape: tuple,
+               text_dim: int) -> tuple[TrainData, PromptEncoder]:
+    """The configured source as rank-sharded batches, checked against the models' latent and text shapes."""
+    d, e = cfg.data, cfg.engine
+    prompts = PromptEncoder(comps.text_encoder, comps.tokenizer, e.text_max_length, rt.device)
+    if d.source == "synthetic":
+        source = SyntheticSource(d.num_samples, latent_shape, (e.text_max_length, text_dim), d.seed)
+    elif d.source == "shapes":
+        scfg = shapes_config(cfg)
+        prompts.check([" ".join(VOCABULARY)])  # the text encoder must know every word of the shapes grammar
+        source = ShapesSource(scfg, d.seed, d.num_samples, comps.vae)
+        if d.path and need_latents:
+            desc = {"kind": "shapes", "seed": d.seed, "num_samples": d.num_samples, "shapes": _plain(scfg),
+                    "base": comps.source, "text_max_length": e.text_max_length}
+            source = build_latent_cache(d.path, source, prompts, rank=rt.rank, world=rt.world, barrier=rt.barrier,
+                                        is_main=rt.is_main, description=desc)
+    elif d.source == "latents":
+        if not d.path:
+            raise ValueError("data.source 'latents' needs data.path (a latent directory)")
+        source = LatentDirSource(d.path)
+    else:  # prompts
+        if not d.path:
+            raise ValueError("data.source 'prompts' needs data.path (a text file, one prompt per line)")
+        source = PromptFileSource(d.path)
+        prompts.check(source.prompts)
+    if isinstance(source, LatentDirSource):
+        if need_latents and source.latent_shape != tuple(latent_shape):
+            raise ValueError(f"latents in {source.path} have shape {source.latent_shape}, the model trains on "
+                             f"{tuple(latent_shape)} (C, F, h, w) from engine.height/width/num_frames")
+        if source.embed_shape[-1] != text_dim:
+            raise ValueError(f"prompt embeddings in {source.path} have width {source.embed_shape[-1]}, the "
+                             f"transformer's text_dim is {text_dim}")
+    data = TrainData(source, prompts, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rt.rank,
+                     world=rt.world, need_latents=need_latents)
+    return data, prompts
+
+
+def shapes_config(cfg: Config) -> ShapesConfig:
+    e = cfg.data.shapes
+    sized = {"height", "width", "num_frames", "fps"} & set(e)
+    if sized:
+        raise ValueError(f"data.shapes must not set {sorted(sized)}: they come from engine.height / width / "
+                         f"num_frames / fps")
+    valid = {f.name for f in dataclasses.fields(ShapesConfig)} - {"height", "width", "num_frames", "fps"}
+    unknown = sorted(set(e) - valid)
+    if unknown:
+        raise ValueError(f"unknown data.shapes key(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    return ShapesConfig(height=cfg.engine.height, width=cfg.engine.width, num_frames=cfg.engine.num_frames,
+                        fps=cfg.engine.fps, **{k: tuple(v) if isinstance(v, list) else v for k, v in e.items()})
+
+
+def _plain(dc) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(dc).items()}
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+class Stage:
+    """Common parts: engine settings, shapes, prompt embeddings for samples, conditioning helpers."""
+
+    name = ""
+    product = ""  # the model this stage produces ("teacher" or "generator"); its EMA is kept
+
+    def __init__(self, cfg: Config, rt: Runtime, comps: Components):
+        self.cfg, self.rt, self.comps = cfg, rt, comps
+        self.flow = FlowSchedule(cfg.engine.num_train_timesteps, cfg.engine.shift)
+        self.trainables: dict[str, torch.nn.Module] = {}
+        self.optim_configs: dict[str, OptimConfig] = {}
+        self.nets: dict[str, torch.nn.Module] = {}  # prepared (maybe DDP / FSDP-wrapped) trainables
+        self.score_nets: dict[str, torch.nn.Module] = {}  # views for calls that must not touch DDP's reducer
+
+    # -- shapes and checks
+    def latent_shape(self, transformer) -> tuple:
+        """(C, F, h, w) of one training sample; raises on sizes the VAE / patching / blocks cannot make."""
+        eng = Engine(transformer, self.comps.vae, None, None, **dataclasses.asdict(self.cfg.engine))
+        return eng.latent_shape(self.cfg.engine.num_frames)[1:]
+
+    def bind(self, nets: dict, score_nets: dict) -> None:
+        self.nets, self.score_nets = nets, score_nets
+
+    def updates(self, step: int) -> list[Update]:
+        raise NotImplementedError
+
+    # -- conditioning
+    def uncond_embedding(self, like: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the negative prompt (zeros for an empty one), broadcast like `like` (B, L, D)."""
+        neg = self.cfg.engine.negative_prompt
+        if neg and self.prompts.available:
+            e = self.prompts([neg]).to(like.device, like.dtype)  # (1, L', D)
+            if e.shape[1] != like.shape[1]:
+                raise ValueError(f"negative prompt embeddings have {e.shape[1]} tokens, the data {like.shape[1]}")
+            return e.expand_as(like)
+        return torch.zeros_like(like)
+
+    def sample_embeddings(self) -> torch.Tensor:
+        """(P, L, D) embeddings of sample.prompts (or of the first data items without a text encoder)."""
+        if self.prompts.available:
+            return self.prompts(list(self.cfg.sample.prompts))
+        n = len(self.cfg.sample.prompts)
+        return torch.cat([self.data.collate([self.data.source.get(i % len(self.data), False)], [i]).prompt_embeds
+                          for i in range(n)])
+
+    def check_sample_prompts(self) -> None:
+        if self.prompts.available:
+            self.prompts.check(list(self.cfg.sample.prompts))
+
+    # -- saving and sampling
+    def engine_settings(self, name: str) -> dict:
+        return dataclasses.asdict(self.cfg.engine)
+
+    def sample_video(self, name: str, transformer: CausalWanTransformer3DModel,
+                     embeds: torch.Tensor) -> list[np.ndarray]:
+        """uint8 (T, H, W, 3) videos of the few-step generator, one per prompt embedding (P, L, D)."""
+        eng = Engine(transformer.to(self.rt.device), self.comps.vae, None, None, **self.engine_settings(name))
+        out = []
+        for i, e in enumerate(embeds):
+            v = eng.generate(prompt_embeds=e[None], seed=self.cfg.sample.seed + i,
+                             num_frames=self.cfg.sample.num_frames or self.cfg.engine.num_frames)
+            out.append(v.frames)
+        return out
+
+
+class TeacherStage(Stage):
+    """Flow matching of a bidirectional transformer on data latents, with caption dropout for CFG."""
+
+    name, product = "teacher", "teacher"
+
+    def __init__(self, cfg: Config, rt: Runtime, comps: Components):
+        super().__init__(cfg, rt, comps)
+        m = cfg.models
+        if m.init:
+            model = load_transformer(m.init, "models.init")
+            if m.transformer:
+                raise ValueError("models.transformer (a new architecture) and models.init (existing weights) "
+                                 "exclude each other")
+        else:
+            model = new_transformer(comps.transformer_config, m.transformer, cfg.train.seed)
+        check_compatible({"teacher": model}, comps.vae.config.z_dim)
+        shape = self.latent_shape(model)
+        self.trainables = {"teacher": prepare_trainable(model, cfg, rt.device)}
+        self.optim_configs = {"teacher": cfg.optim}
+        self.data, self.prompts = build_data(cfg, comps, rt, need_latents=True, latent_shape=shape,
+                                             text_dim=model.config.text_dim)
+        self.check_sample_prompts()
+        fm = cfg.flow_matching
+        self.loss_fn = FlowMatchingLoss(self.flow, min_frac=fm.min_frac, max_frac=fm.max_frac)
+
+    def updates(self, step: int) -> list[Update]:
+        return [Update("teacher", self.loss)]
+
+    def loss(self, batch: Batch, rnd: StepRandom):
+        net = self.nets["teacher"]
+        x = batch.latents.to(self.rt.device)  # (B, C, F, h, w)
+        emb = batch.prompt_embeds.clone()  # (B, L, D)
+        drop = torch.rand(emb.shape[0], generator=rnd.local("caption_dropout")) < self.cfg.flow_matching.caption_dropout
+        emb[drop] = 0.0  # the empty prompt: what CFG uses as uncond when engine.negative_prompt is ""
+        emb = emb.to(self.rt.device)
+        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb).sample, generator=rnd.local("fm"))
+        logs["caption_dropout"] = drop.float().mean().item()
+        return loss, logs
+
+    def engine_settings(self, name: str) -> dict:
+        return {**super().engine_settings(name), "guidance_scale": self.cfg.flow_matching.guidance_scale}
+
+    @torch.no_grad()
+    def sample_video(self, name, transformer, embeds):
+        """The teacher's own samples: full-sequence Euler ODE with CFG, decoded by the VAE."""
+        transformer = transformer.to(self.rt.device)
+        C, F, h, w = self.latent_shape(transformer)
+        grid = ode_grid(self.flow, self.cfg.flow_matching.sample_steps)
+        out = []
+        for i, e in enumerate(embeds):
+            z = torch.randn((1, C, F, h, w), generator=seeded(self.cfg.sample.seed, i)).to(self.rt.device)
+            cond = e[None].to(self.rt.device)
+            _, x0 = ode_solve(transformer, z, cond, self.uncond_embedding(cond), self.cfg.flow_matching.guidance_scale,
+                              grid, num_train_timesteps=self.flow.num_train_timesteps)
+            video = decode_full(self.comps.vae, x0).clamp(-1, 1)  # (1, 3, T, H, W)
+            out.append(to_uint8((video[0].permute(1, 2, 3, 0).float() + 1) / 2))
+        return out
+
+
+class _GeneratorStage(Stage):
+    """Shared by ode-init and dmd: the frozen teacher, the causal generator, the few-step schedule."""
+
+    product = "generator"
+
+    def _load_teacher_and_generator(self, generator_required: bool):
+        cfg = self.cfg
+        teacher = load_transformer(cfg.models.teacher, "models.teacher")
+        gpath = cfg.models.generator
+        if generator_required and not gpath:
+            raise ValueError(f"config key models.generator is required for the {self.name} stage (the ode-init output)")
+        generator = load_transformer(gpath, "models.generator") if gpath else _copy(teacher)
+        self.schedule = cfg.engine.schedule()  # few-step timesteps, context_t
+        self.block = cfg.engine.num_frame_per_block
+        return teacher, generator
+
+    def prompt_data(self, shape, text_dim):
+        self.data, self.prompts = build_data(self.cfg, self.comps, self.rt, need_latents=False, latent_shape=shape,
+                                             text_dim=text_dim)
+        self.check_sample_prompts()
+
+
+def _copy(model: CausalWanTransformer3DModel) -> CausalWanTransformer3DModel:
+    new = type(model).from_config(model.config)
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+class ODEInitStage(_GeneratorStage):
+    """Causal initialisation: regress the generator's x0 prediction from teacher ODE states onto the ODE's end."""
+
+    name = "ode-init"
+
+    def __init__(self, cfg: Config, rt: Runtime, comps: Components):
+        super().__init__(cfg, rt, comps)
+        teacher, generator = self._load_teacher_and_generator(generator_required=False)
+        check_compatible({"teacher": teacher, "generator": generator}, comps.vae.config.z_dim)
+        self.shape = self.latent_shape(generator)
+        self.latent_shape(teacher)
+        self.teacher = prepare_frozen(teacher, rt)
+        self.trainables = {"generator": prepare_trainable(generator, cfg, rt.device)}
+        self.optim_configs = {"generator": cfg.optim}
+        self.prompt_data(self.shape, generator.config.text_dim)
+        self.grid = ode_grid(self.flow, cfg.ode.num_steps, self.schedule.timesteps)
+        self.timesteps = torch.tensor(self.schedule.timesteps, dtype=torch.float32)  # (K,)
+        self.loss_fn = ODERegressionLoss()
+        if cfg.ode.num_trajectories:
+            self.data.source = self._build_bank()
+            self.teacher = None  # the bank replaces the teacher
+
+    def _trajectories(self, cond: torch.Tensor, z: torch.Tensor):
+        uncond = self.uncond_embedding(cond)
+        return ode_solve(self.teacher, z, cond, uncond, self.cfg.ode.guidance_scale, self.grid,
+                         keep=self.schedule.timesteps, num_train_timesteps=self.flow.num_train_timesteps)
+
+    def _build_bank(self) -> TrajectoryBank:
+        """Generate the fixed trajectory set once (process r makes trajectories i = r mod world)."""
+        cfg, rt = self.cfg, self.rt
+        n = cfg.ode.num_trajectories
+        bank = TrajectoryBank(rt.output_dir / "trajectories", n)
+        desc = {"teacher": os.path.abspath(cfg.models.teacher), "num_steps": cfg.ode.num_steps,
+                "guidance_scale": cfg.ode.guidance_scale, "timesteps": list(self.schedule.timesteps),
+                "latent_shape": list(self.shape), "seed": cfg.train.seed, "data": dataclasses.asdict(cfg.data),
+                "negative_prompt": cfg.engine.negative_prompt}
+        if rt.is_main:
+            bank.check_description(desc, is_main=True)
+        rt.barrier()
+        bank.check_description(desc, is_main=False)
+        todo = bank.missing(range(rt.rank, n, rt.world))
+        src = self.data.source
+        for c in range(0, len(todo), cfg.train.batch_size):
+            idx = todo[c : c + cfg.train.batch_size]
+            cond = self.data.collate([src.get(i % len(src), False) for i in idx], idx).prompt_embeds.to(rt.device)
+            z = torch.stack([torch.randn(self.shape, generator=seeded(cfg.train.seed, _tag("trajectory"), i))
+                             for i in idx]).to(rt.device)  # (B, C, F, h, w)
+            states, x0 = self._trajectories(cond, z)
+            for j, i in enumerate(idx):
+                bank.write(i, states[j], x0[j], cond[j])
+        rt.barrier()
+        return bank
+
+    def updates(self, step: int) -> list[Update]:
+        return [Update("generator", self.loss)]
+
+    def loss(self, batch: Batch, rnd: StepRandom):
+        dev = self.rt.device
+        cond = batch.prompt_embeds.to(dev)  # (B, L, D)
+        if "states" in batch.extra:
+            states, x0 = batch.extra["states"].to(dev), batch.extra["x0"].to(dev)
+        else:
+            z = torch.randn((cond.shape[0], *self.shape), generator=rnd.local("z")).to(dev)
+            states, x0 = self._trajectories(cond, z)  # (B, K, C, F, h, w), (B, C, F, h, w)
+        B, K, C, F, h, w = states.shape
+        k = torch.randint(0, K, (B, F // self.block), generator=rnd.local("steps"))  # one step per block
+        k = k.repeat_interleave(self.block, dim=1).to(dev)  # (B, F)
+        x_in = states.gather(1, k[:, None, None, :, None, None].expand(B, 1, C, F, h, w))[:, 0]  # (B, C, F, h, w)
+        t = self.timesteps.to(dev)[k]  # (B, F) per-frame timesteps
+        v = self.nets["generator"](x_in, t, cond, num_frame_per_block=self.block).sample
+        x0_pred = flow_to_x0(x_in, v, self.flow.sigma_of(t))
+        loss, logs = self.loss_fn(x0_pred, x0)
+        logs["t_mean"] = t.mean().item()
+        return loss, logs
+
+
+class DMDStage(_GeneratorStage):
+    """Self-Forcing distribution matching distillation (generator / critic alternation)."""
+
+    name = "dmd"
+
+    def __init__(self, cfg: Config, rt: Runtime, comps: Components):
+        super().__init__(cfg, rt, comps)
+        teacher, generator = self._load_teacher_and_generator(generator_required=True)
+        critic = load_transformer(cfg.models.critic, "models.critic") if cfg.models.critic else _copy(teacher)
+        check_compatible({"teacher": teacher, "generator": generator, "critic": critic}, comps.vae.config.z_dim)
+        self.shape = self.latent_shape(generator)
+        for m in (teacher, critic):
+            self.latent_shape(m)
+        self.teacher = prepare_frozen(teacher, rt)
+        self.trainables = {"generator": prepare_trainable(generator, cfg, rt.device),
+                           "critic": prepare_trainable(critic, cfg, rt.device)}
+        self.optim_configs = {"generator": cfg.optim, "critic": cfg.critic_optim}
+        self.prompt_data(self.shape, generator.config.text_dim)
+        d = cfg.dmd
+        kw = {"min_frac": d.min_frac, "max_frac": d.max_frac}
+        if d.loss == "sid":
+            kw["alpha"] = d.sid_alpha
+        self.generator_loss = make_generator_loss(d.loss, self.flow, **kw)
+        self.critic_loss = CriticLoss(self.flow, target=d.critic_target, min_frac=d.min_frac, max_frac=d.max_frac)
+        self.num_blocks = self.shape[1] // self.block
+        if self.num_blocks == 1 and not cfg.rollout.grad_first_block:
+            raise ValueError("rollout.grad_first_block: false leaves no frame with gradient in a one-block video")
+        e = cfg.engine
+        if e.local_attn_frames is not None and e.local_attn_frames < e.sink_frames + 2 * self.block:
+            raise ValueError(f"engine.local_attn_frames={e.local_attn_frames} is too small: it must be >= sink_frames "
+                             f"+ 2 * num_frame_per_block = {e.sink_frames + 2 * self.block}")
+
+    def updates(self, step: int) -> list[Update]:
+        train_generator = (step - 1) % self.cfg.dmd.dfake_gen_update_ratio == 0  # steps 1, 1 + ratio, ...
+        ups = [Update("generator", self.generator_step)] if train_generator else []
+        return ups + [Update("critic", self.critic_step)]
+
+    # -- the rollout
+    def _make_cache(self, differentiable: bool):
+        e = self.cfg.engine
+        F = self.shape[1]
+        if e.local_attn_frames is None:
+            max_frames = max(F - self.block, self.block)
+        else:
+            max_frames = e.local_attn_frames - self.block
+        gen = self.trainables["generator"]  # the raw module: make_cache reads its config only
+        return lambda: gen.make_cache(self.shape[2], self.shape[3], max_frames=max_frames, sink_frames=e.sink_frames,
+                                      differentiable=differentiable)
+
+    def rollout(self, cond: torch.Tensor, rnd: StepRandom, grad: bool):
+        r = self.cfg.rollout
+        noise = SamplerNoise.from_seed(rnd.local_seed("noise"), (cond.shape[0], *self.shape),
+                                       num_renoise(self.schedule), device=self.rt.device)
+        exits = draw_exit_steps(self.num_blocks, len(self.schedule), rnd.shared("exit"),
+                                same_step_across_blocks=r.same_step_across_blocks, last_step_only=r.last_step_only)
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            res = self_forcing_rollout(self.nets["generator"], cond, noise, self.schedule, self._make_cache(grad),
+                                       num_frame_per_block=self.block, exit_steps=exits, grad=grad,
+                                       grad_first_block=r.grad_first_block, dtype=torch.float32)
+        return res, time.perf_counter() - t0
+
+    # -- scores (x0 predictors) for the losses
+    def real_score(self, cond):
+        uncond = self.uncond_embedding(cond)
+        w = self.cfg.dmd.guidance_scale
+        return as_x0_fn(lambda x_t, t: guided_flow(self.teacher, x_t, t, cond, uncond, w), self.flow)
+
+    def fake_score(self, cond):
+        critic = self.score_nets["critic"]
+        return as_x0_fn(lambda x_t, t: guided_flow(critic, x_t, t, cond, None, 1.0), self.flow)
+
+    def _loss_timesteps(self, res, B: int, rnd: StepRandom):
+        """Self-Forcing's ts_schedule: sigma uniform in the rollout's denoised range, clamped to [min, max]."""
+        if not self.cfg.dmd.timesteps_from_rollout:
+            return None
+        lo, hi = (self.flow.sigma_of(t) for t in res.timestep_range)
+        u = torch.rand(B, generator=rnd.local("loss_t"), dtype=torch.float64)
+        sigma = (lo + (hi - lo) * u).clamp(self.cfg.dmd.min_frac, self.cfg.dmd.max_frac)
+        return self.flow.timestep_of(sigma).float()
+
+    def generator_step(self, batch: Batch, rnd: StepRandom):
+        cond = batch.prompt_embeds.to(self.rt.device)
+        res, t_roll = self.rollout(cond, rnd, grad=True)
+        x = res.x0  # (B, C, F, h, w), gradient through the exit steps
+        t = self._loss_timesteps(res, x.shape[0], rnd)
+        with frozen(self.trainables["critic"]):
+            loss, logs = self.generator_loss(x, self.real_score(cond), self.fake_score(cond),
+                                             generator=rnd.local("loss"), t=t)
+        loss = loss * (res.grad_frames.numel() / int(res.grad_frames.sum()))  # masked frames: average over the frames with gradient
+        lo, hi = res.timestep_range
+        logs.update(time_rollout=t_roll, exit_step_mean=float(np.mean(res.exit_steps)), timestep_to=lo,
+                    timestep_from=hi)
+        return loss, logs
+
+    def critic_step(self, batch: Batch, rnd: StepRandom):
+        cond = batch.prompt_embeds.to(self.rt.device)
+        res, t_roll = self.rollout(cond, rnd, grad=False)
+        critic = self.nets["critic"]
+        loss, logs = self.critic_loss(res.x0.detach(), lambda x_t, t: critic(x_t, t, cond).sample,
+                                      generator=rnd.local("loss"))
+        logs["time_rollout"] = t_roll
+        return loss, logs
+
+
+STAGES: dict[str, type[Stage]] = {"teacher": TeacherStage, "ode-init": ODEInitStage, "dmd": DMDStage}
+# stages defined elsewhere, imported when used: name -> (module, registry attribute)
+EXTENSION_STAGES = {"vq": ("engine.training.vq", "VQ_STAGES"), "vq-dmd": ("engine.training.vq", "VQ_STAGES")}
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name in STAGES:
+        return STAGES[name]
+    if name in EXTENSION_STAGES:
+        import importlib
+
+        module, attr = EXTENSION_STAGES[name]
+        return getattr(importlib.import_module(module), attr)[name]
+    raise ValueError(f"unknown stage {name!r}; accepted: {', '.join([*STAGES, *EXTENSION_STAGES])}")

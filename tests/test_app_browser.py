@@ -1,0 +1,125 @@
+"""A real browser: headless Chromium opens the app, clicks Generate and sees the video playing before the
+generation ends. The engine is slowed down (a sleep after every block) so that "before the end" is observable.
+
+Needs the Debian packages chromium and chromium-driver, ffmpeg, and the selenium package; skipped otherwise.
+Screenshots go to pytest's tmp_path and, if APP_SCREENSHOT_DIR is set, are copied there (CI artifacts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+if CHROMIUM is None or CHROMEDRIVER is None:
+    pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+    pytest.skip("Gradio's streaming gr.Video needs ffmpeg and ffprobe (apt-get install ffmpeg)",
+                allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test drives Chromium with selenium "
+                                                            "(pip install selenium)")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from app.testing import running_app, tiny_app_engine  # noqa: E402
+
+FRAMES = 69  # 6 blocks: about 3 s of generation at 0.5 s per block, 4.3 s of video
+BLOCK_DELAY = 0.5
+
+STATE_JS = """
+const v = document.querySelector('#video video');
+const s = document.querySelector('#status');
+return {time: v ? v.currentTime : null, paused: v ? v.paused : null, ready: v ? v.readyState : null,
+        duration: v ? v.duration : null, status: s ? s.innerText : ''};
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def screenshot(driver, tmp_path, name: str) -> None:
+    path = tmp_path / name
+    driver.save_screenshot(str(path))
+    target = os.environ.get("APP_SCREENSHOT_DIR")
+    if target:
+        os.makedirs(target, exist_ok=True)
+        shutil.copy(path, os.path.join(target, name))
+
+
+def test_video_plays_while_it_is_generated_and_stops(browser, tmp_path):
+    with running_app(tiny_app_engine(block_delay=BLOCK_DELAY)) as app:
+        browser.get(app.url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#generate-btn")))
+        frames = browser.find_element(By.CSS_SELECTOR, "#frames input[type=number]")
+        frames.clear()
+        frames.send_keys(str(FRAMES))
+        frames.send_keys("\t")  # commit the value (change event)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#frames input[type=number]")
+                   .get_attribute("value") == str(FRAMES))
+        browser.find_element(By.CSS_SELECTOR, "#generate-btn").click()
+
+        playing_during_generation = None
+        states = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            state = browser.execute_script(STATE_JS)
+            states.append(state)
+            playing = state["time"] is not None and state["time"] > 0 and state["paused"] is False
+            if playing and "Generating" in state["status"] and playing_during_generation is None:
+                playing_during_generation = state
+                screenshot(browser, tmp_path, "app-playing-while-generating.png")
+            if "Done" in state["status"]:
+                break
+            time.sleep(0.1)
+        assert playing_during_generation is not None, f"never saw the video playing during generation: {states}"
+        done = int(playing_during_generation["status"].split(f" / {FRAMES} frames")[0].rsplit(" ", 1)[-1])
+        assert done < FRAMES  # frames were still being generated while the video played
+        assert "Done" in states[-1]["status"], states[-1]
+
+        # the whole video arrives: it plays to its end (FRAMES / 16 s), and the mp4 is offered for download
+        wait.until(lambda d: d.execute_script(STATE_JS)["duration"] is not None
+                   and abs(d.execute_script(STATE_JS)["duration"] - FRAMES / 16) < 0.2)
+        link = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#download a")))
+        assert link.get_attribute("href")
+        screenshot(browser, tmp_path, "app-done.png")
+        assert list(app.serving.runs_dir.iterdir()) == []
+
+        # Stop: ends the next run within one block, and what was made is still offered for download
+        browser.find_element(By.CSS_SELECTOR, "#generate-btn").click()
+        wait.until(lambda d: "block 2 of" in d.execute_script(STATE_JS)["status"])
+        browser.find_element(By.CSS_SELECTOR, "#stop-btn").click()
+        wait.until(lambda d: "Stopped" in d.execute_script(STATE_JS)["status"])
+        status = browser.execute_script(STATE_JS)["status"]
+        stopped_at = int(status.split("block ")[1].split(" of")[0])
+        assert stopped_at <= 3, status  # the block running when Stop came is the last one
+        link = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#download a")))
+        assert link.get_attribute("href")
+        screenshot(browser, tmp_path, "app-stopped.png")
