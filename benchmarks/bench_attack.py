@@ -5,14 +5,15 @@ through the KV cache, with and without activation checkpointing, and memory as t
 
 Every configuration runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own; the figure
 reported is the peak during the attack minus the resident memory after a warm-up generation (model, caches and
-allocator already in place). Seconds per iteration: the iterations after the first of each run, the smallest
-of the per-run medians over --repeats runs, the configurations interleaved (round robin) so that the load of
-the shared machine falls on all of them alike. Pixel-space rows decode the video (the causal 3D-conv VAE
-decoder dominates a tiny model's cost); latent-space rows (an untargeted objective on the latents) skip it and
-show the transformer and its KV-cache paths alone. The workers run with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed
+allocator already in place). The workers run with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed
 tensors to the system at once: resident memory then follows live tensors instead of the allocator's high-water
-mark (without it, fragmentation makes every configuration look like it grows with the stream). Seconds per iteration is the median over the iterations after the first. Prints two
-markdown tables. The machine is shared and noisy: read ratios within one run, not absolute numbers.
+mark (without it, fragmentation makes every configuration look like it grows with the stream).
+
+Seconds per iteration: the median over the iterations after the first of a run, the smallest over --repeats
+runs, the configurations interleaved (round robin) so that the load of the shared machine falls on all of them
+alike. Pixel-space rows decode the video (the causal 3D-conv VAE decoder dominates a tiny model's cost);
+latent-space rows (an untargeted objective on the latents) skip it and show the transformer and its KV-cache
+paths alone. Prints two markdown tables; the machine is shared and noisy: read ratios within one run.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     mem = {(b, c): run_config(dict(base, blocks=b, checkpointing=c, detach_cache=False))
            for b in blocks for c in (True, False)}
-    print(f"\nTable 2: peak memory of an attack iteration as the stream grows (KV-cache paths kept)\n")
+    print("\nTable 2: peak memory of an attack iteration as the stream grows (KV-cache paths kept)\n")
     print("| blocks | frames | peak MB, checkpointing on | peak MB, off | off / on | s / it on | s / it off |")
     print("|---|---|---|---|---|---|---|")
     for b in blocks:

@@ -5,7 +5,6 @@ KV-cache paths need two blocks (21 frames)."""
 import csv
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -297,6 +296,17 @@ def test_nan_gradient_stops_and_keeps_the_best(eng):
     assert r.iterations == 3 and "non-finite gradient at iteration 2" in r.stop_reason
     assert torch.isfinite(r.noise.z0).all() and math.isfinite(r.best_value)
     assert r.best_value == max(h["objective"] for h in r.history)
+
+
+def test_nan_objective_from_the_start_still_gives_a_result(eng, tmp_path):
+    def fn(video):
+        return video.mean() * (math.nan if torch.is_grad_enabled() else 1.0)
+
+    with pytest.warns(RuntimeWarning, match="non-finite objective"):
+        r = eng.attack(PROMPT, seed=0, steps=3, objective=fn, maximize=False, **FAST)
+    assert r.iterations == 0 and r.best_iteration == -1 and math.isnan(r.best_value)
+    out = r.save(tmp_path / "nan", videos=False, plots=True)
+    assert json.loads((out / "result.json").read_text())["best_value"] == "nan"
 
 
 # ------------------------------------------------------------------------------------------------ results

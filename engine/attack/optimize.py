@@ -48,7 +48,7 @@ from ..sampling.codec import latent_stats, num_video_frames, spatial_compression
 from ..sampling.noise import MODES, SamplerNoise
 from .budget import Budget, gaussianity, sample_norms
 from .metrics import mse, psnr, ssim
-from .objectives import CallableObjective, Objective, Targeted, Untargeted, make_objective
+from .objectives import CallableObjective, Objective, Untargeted, make_objective
 from .result import AttackResult
 
 OPTIMIZERS = ("adam", "sgd", "pgd")
@@ -321,6 +321,14 @@ def _noise_tensors(noise: SamplerNoise, names: list[str]) -> list[torch.Tensor]:
     return [noise.z0 if n == "z0" else noise.step_noise[int(n.split(".")[1])] for n in names]
 
 
+def _point_stats(noise: SamplerNoise, leaves: list[torch.Tensor], inits: list[torch.Tensor]) -> dict:
+    """Perturbation size of the current point and the norm of its z0 against sqrt(d) (1 for a typical draw)."""
+    delta_rms, delta_linf = _delta_stats(leaves, inits)
+    z0 = noise.z0.detach()
+    return {"delta_rms": delta_rms, "delta_linf": delta_linf,
+            "z0_norm_ratio": float(sample_norms(z0).mean()) / math.sqrt(z0[0].numel())}
+
+
 def _delta_stats(leaves: list[torch.Tensor], inits: list[torch.Tensor]) -> tuple[float, float]:
     """RMS and max-abs change of all learned tensors together, in noise standard deviations."""
     sq, n, linf = 0.0, 0, 0.0
@@ -444,7 +452,8 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
         opt = torch.optim.SGD(leaves, lr=settings.lr, momentum=settings.momentum)
 
     def regularizer() -> torch.Tensor:
-        return sum((budget.regularizer(z) for z in leaves), torch.zeros((), dtype=leaves[0].dtype))
+        return sum((budget.regularizer(z) for z in leaves),
+                   torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device))
 
     history: list[dict] = []
     best = {"loss": math.inf}
@@ -482,17 +491,14 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
             loss = obj.loss(value) + reg
             evaluated = True
             if not torch.isfinite(value.detach()):
-                stop_reason = f"non-finite objective value ({float(value)}) at iteration {it}"
+                stop_reason = f"non-finite objective value ({float(value.detach())}) at iteration {it}"
                 warnings.warn(f"attack stopped: {stop_reason}; keeping the best point so far", RuntimeWarning)
                 break
             loss.backward()
             grads = [z.grad if z.grad is not None else torch.zeros_like(z) for z in leaves]
             gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-            delta_rms, delta_linf = _delta_stats(leaves, inits)
             entry = {"iteration": it, "objective": float(value.detach()), "loss": float(loss.detach()),
-                     "regularizer": float(reg.detach()),
-                     "grad_norm": gnorm, "delta_rms": delta_rms, "delta_linf": delta_linf,
-                     "z0_norm_ratio": float(sample_norms(work.z0.detach()).mean()) / math.sqrt(work.z0[0].numel()),
+                     "regularizer": float(reg.detach()), "grad_norm": gnorm, **_point_stats(work, leaves, inits),
                      "lr": lr_now, **_video_metrics(frames, base.frames, latents, base.latents)}
             improved = consider(entry, frames, latents, exact=False)
             since_best = 0 if improved else since_best + 1
@@ -551,12 +557,10 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
         with torch.no_grad():
             value = obj(video=final.frames if obj.needs_pixels else None, latents=final.latents)
             loss = obj.loss(value) + regularizer()
-        delta_rms, delta_linf = _delta_stats(leaves, inits)
         entry = {"iteration": len(history), "objective": float(value), "loss": float(loss),
-                 "regularizer": float(loss - obj.loss(value)), "grad_norm": None, "delta_rms": delta_rms,
-                 "delta_linf": delta_linf,
-                 "z0_norm_ratio": float(sample_norms(work.z0.detach()).mean()) / math.sqrt(work.z0[0].numel()),
-                 "lr": None, **_video_metrics(final.frames, base.frames, final.latents, base.latents),
+                 "regularizer": float(loss - obj.loss(value)), "grad_norm": None,
+                 **_point_stats(work, leaves, inits), "lr": None,
+                 **_video_metrics(final.frames, base.frames, final.latents, base.latents),
                  "seconds": time.perf_counter() - t0, "final": True}
         if math.isfinite(entry["loss"]):
             consider(entry, final.frames, final.latents, exact=True)

@@ -132,8 +132,6 @@ def _describe(args, kwargs: dict) -> dict:
     """What must match for a resumed sweep to add comparable items (not the item list, not the shard)."""
     def plain(v):
         if hasattr(v, "shape"):  # a target or mask tensor: record shape and a digest
-            import torch
-
             t = v.detach().cpu().contiguous()
             return {"shape": list(t.shape), "sha1": hashlib.sha1(t.double().numpy().tobytes()).hexdigest()}
         return v
