@@ -148,6 +148,22 @@ def build_app(serving: Serving, *, title: str = "Self-Forcing streaming video") 
                         gr.Markdown(model_card(eng))
                     with gr.Column(scale=2):
                         gr.Code(summary_json(eng, limits), language="json", label="Configuration", interactive=False)
+                codebook = _codebook_summary(serving)
+                if codebook is not None:  # quantized checkpoints: codebook usage, perplexity, dead codes, code maps
+                    gr.Markdown(codebook[0])
+                    gr.Gallery(codebook[1], label="Codebook analysis", columns=2, height="auto")
 
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     return demo
+
+
+def _codebook_summary(serving: Serving):
+    """Codebook analysis of a quantized engine, computed once at start-up; None for unquantized engines."""
+    from engine.models.quantized_wan import QuantizedCausalWanTransformer3DModel
+
+    if not isinstance(serving.engine.transformer, QuantizedCausalWanTransformer3DModel):
+        return None
+    from engine.quantized.analysis import model_tab_summary
+
+    with serving.device_lock:
+        return model_tab_summary(serving.engine, serving.workdir / "codebook")

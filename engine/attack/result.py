@@ -204,7 +204,7 @@ class AttackResult:
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
             ax.grid(alpha=0.3)
-            if len(ax.get_lines()) > 1:
+            if len(ax.get_legend_handles_labels()[0]) > 1:
                 ax.legend(fontsize=8)
         y = col("mse")
         if any(np.isfinite(v) for v in y):

@@ -37,6 +37,21 @@ def _rope_1d(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple
     )
 
 
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """float32 for low-precision activations; float64 stays float64 (gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _layer_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Wan's FP32LayerNorm (or Identity), computed in float32 or higher: float64 stays float64 (gradient checks)."""
+    if not isinstance(norm, torch.nn.LayerNorm):
+        return norm(x)
+    x = _at_least_f32(x)
+    w = norm.weight.to(x.dtype) if norm.weight is not None else None
+    b = norm.bias.to(x.dtype) if norm.bias is not None else None
+    return F_.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, L, N, Dh) by cos/sin (1, L, 1, Dh) (float64 tables)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, N, Dh/2) each
@@ -124,24 +139,24 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     def _block(self, block, x, e, n_groups, cross_kv, rope_q, rope_k, past, mask):
         """One transformer block; x (B, L, D), e (B, G, 6, D) modulation for G equal token groups (frames)."""
-        mods = (block.scale_shift_table.unsqueeze(0) + e.float()).unbind(2)  # 6 x (B, G, D)
+        mods = (block.scale_shift_table.unsqueeze(0) + _at_least_f32(e)).unbind(2)  # 6 x (B, G, D)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [m.unsqueeze(2) for m in mods]  # (B, G, 1, D)
 
         def modulate(h, shift, scale):  # h (B, L, D) float -> per-group affine
             return (h.unflatten(1, (n_groups, -1)) * (1 + scale) + shift).flatten(1, 2)
 
         def gated(h, out, gate):
-            return (h.float().unflatten(1, (n_groups, -1)) + out.unflatten(1, (n_groups, -1)) * gate).flatten(1, 2)
+            return (_at_least_f32(h).unflatten(1, (n_groups, -1)) + out.unflatten(1, (n_groups, -1)) * gate).flatten(1, 2)
 
-        h = modulate(block.norm1(x.float()), shift_msa, scale_msa).type_as(x)
+        h = modulate(_layer_norm(block.norm1, x), shift_msa, scale_msa).type_as(x)
         attn_out, k_new, v_new = self._self_attention(block.attn1, h, rope_q, rope_k, past, mask)
         x = gated(x, attn_out, gate_msa).type_as(x)
 
-        h = block.norm2(x.float()).type_as(x)
+        h = _layer_norm(block.norm2, x).type_as(x)
         x = x + self._cross_attention(block.attn2, h, cross_kv)
 
-        h = modulate(block.norm3(x.float()), c_shift, c_scale).type_as(x)
-        x = gated(x, block.ffn(h).float(), c_gate).type_as(x)
+        h = modulate(_layer_norm(block.norm3, x), c_shift, c_scale).type_as(x)
+        x = gated(x, _at_least_f32(block.ffn(h)), c_gate).type_as(x)
         return x, k_new, v_new
 
     # -- forward --------------------------------------------------------------------------------------------
@@ -230,7 +245,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
         # output norm, projection, unpatchify
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, G, D) each
-        x = self.norm_out(x.float()).unflatten(1, (groups, -1))  # (B, G, L/G, D)
+        x = _layer_norm(self.norm_out, x).unflatten(1, (groups, -1))  # (B, G, L/G, D)
         x = (x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2).type_as(hidden_states)
         x = self.proj_out(x)  # (B, L, p_h * p_w * C_out)
         x = x.reshape(B, nF, pph, ppw, p_t, p_h, p_w, -1)
