@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from fractions import Fraction
 
 import av
 import numpy as np
+
+from .atomic import write_bytes
 
 
 def _check_frames(frames) -> np.ndarray:
@@ -50,12 +51,7 @@ def write_mp4(path: str | os.PathLike, frames, fps: int = 16, crf: int = 18) -> 
     """Write an H.264 mp4 atomically (temporary file in the same directory, then rename)."""
     data = encode_mp4(frames, fps, crf)
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".mp4.tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_bytes(path, data)
     return path
 
 

@@ -1,6 +1,5 @@
 """The streaming engine: model parity with diffusers, KV cache, schedule, noise, streaming decode, Engine API."""
 
-import json
 import re
 import subprocess
 import sys

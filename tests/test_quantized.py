@@ -213,10 +213,7 @@ def test_quantized_engine_generates_and_streams_like_the_other(tmp_path):
     assert transformer_class_for(tiny_transformer().config) is not cls
     from engine.pipeline import Engine
 
-    try:
-        loaded = Engine.from_pretrained(path)
-    except ValueError as e:  # until engine/pipeline.py picks the class with transformer_class_for
-        pytest.skip(f"Engine.from_pretrained does not dispatch on _class_name yet: {str(e)[:80]}")
+    loaded = Engine.from_pretrained(path)  # picks the class from the saved config's _class_name
     assert isinstance(loaded.transformer, QuantizedCausalWanTransformer3DModel)
     torch.testing.assert_close(loaded.generate("a red circle", seed=1, output_type="latent").latents, video.latents)
 
@@ -328,7 +325,7 @@ def test_quantized_denoising_loss_trains_network_and_quantizer(schedule):
 
 
 def test_vq_stage_trains_through_the_trainer(tmp_path):
-    from engine.quantized.io import load_engine
+    from engine import Engine
     from engine.training import config as C
     from engine.training.trainer import train
 
@@ -341,13 +338,13 @@ def test_vq_stage_trains_through_the_trainer(tmp_path):
     keys = set().union(*rows)
     for k in ("denoising_loss", "vq_loss", "teacher/codebook_usage", "teacher/perplexity", "teacher/dead_codes"):
         assert k in keys, sorted(keys)
-    eng = load_engine(tmp_path / "run" / "teacher")
+    eng = Engine.from_pretrained(tmp_path / "run" / "teacher")
     assert isinstance(eng.transformer, QuantizedCausalWanTransformer3DModel)
     assert eng.generate("a red circle", seed=0, output_type="latent").latents.shape[2] == 6
 
 
 def test_vq_dmd_stage_distils_a_quantized_generator(tmp_path):
-    from engine.quantized.io import load_engine
+    from engine import Engine
     from engine.training import config as C
     from engine.training.trainer import train
 
@@ -361,7 +358,7 @@ def test_vq_dmd_stage_distils_a_quantized_generator(tmp_path):
     keys = set().union(*rows)
     for k in ("vq_loss", "dmd_loss", "generator/codebook_usage", "generator/perplexity", "generator/dead_codes"):
         assert k in keys, sorted(keys)
-    eng = load_engine(tmp_path / "run" / "generator")
+    eng = Engine.from_pretrained(tmp_path / "run" / "generator")
     assert isinstance(eng.transformer, QuantizedCausalWanTransformer3DModel)
     assert eng.transformer.vq_head.initialised
 
@@ -369,12 +366,12 @@ def test_vq_dmd_stage_distils_a_quantized_generator(tmp_path):
 def test_cli_convert_and_analyze(tmp_path, capsys):
     from engine.quantized.analysis import model_tab_summary
     from engine.quantized.cli import main
-    from engine.quantized.io import load_engine
+    from engine import Engine
 
     plain = tiny_engine(num_frames=9).save_pretrained(tmp_path / "plain")
     assert main(["convert", str(plain), "--out", str(tmp_path / "fsq"), "--quantizer", "fsq",
                  "--fsq-levels", "4", "4", "3"]) == 0
-    eng = load_engine(tmp_path / "fsq")
+    eng = Engine.from_pretrained(tmp_path / "fsq")
     assert eng.transformer.config.codebook_size == 48 and eng.transformer.config.codebook_dim == 3
     assert main(["analyze", str(tmp_path / "fsq"), "--out", str(tmp_path / "an"), "--analyze-codebook"]) == 0
     assert (tmp_path / "an" / "codebook.json").is_file() and (tmp_path / "an" / "code_maps.png").is_file()
@@ -385,4 +382,4 @@ def test_cli_convert_and_analyze(tmp_path, capsys):
     assert main(["analyze", str(plain), "--out", str(tmp_path / "y"), "--analyze-codebook"]) == 2
     md, images = model_tab_summary(eng, tmp_path / "tab")
     assert "fsq" in md and len(images) == 2
-    assert model_tab_summary(load_engine(plain), tmp_path / "tab2") is None
+    assert model_tab_summary(Engine.from_pretrained(plain), tmp_path / "tab2") is None

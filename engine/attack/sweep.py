@@ -30,11 +30,11 @@ import re
 import socket
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
+from ..atomic import write_text
 from .cli import add_attack_arguments, prepare, slug
 from .result import RESULT_FILE, _json_safe
 
@@ -108,11 +108,7 @@ def shard_of(spec: str | None) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------------ files
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 @contextlib.contextmanager

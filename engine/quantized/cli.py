@@ -64,11 +64,11 @@ def _analyze(args) -> int:
     from engine.video import write_mp4
 
     from .analysis import analyze_codebook
-    from .io import load_engine
+    from engine.pipeline import Engine
 
     if not (args.analyze_codebook or args.visualize):
         raise ValueError("nothing to do: pass --analyze-codebook and / or --visualize")
-    eng = load_engine(args.checkpoint, device=args.device, dtype=args.dtype)
+    eng = Engine.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     prompts = args.prompt or ["a red circle moving right"]
     if args.frames is not None:
         eng.latent_frames(args.frames)  # validate before any work
@@ -95,9 +95,9 @@ def _convert(args) -> int:
     from engine.training.vq import quantizer_config
     from engine.training.vq_config import VQTrainConfig
 
-    from .io import load_engine
+    from engine.pipeline import Engine
 
-    eng = load_engine(args.source)
+    eng = Engine.from_pretrained(args.source)
     if isinstance(eng.transformer, QuantizedCausalWanTransformer3DModel):
         raise ValueError(f"{args.source} is quantized already")
     over = {k: v for k, v in (("quantizer", args.quantizer), ("codebook_size", args.codebook_size),

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..atomic import save_safetensors
 
 MODES = ("independent", "derived", "frozen")
 
@@ -117,15 +118,7 @@ class SamplerNoise:
         for i, p in enumerate(self.perms or []):
             tensors[f"perm.{i}"] = p.cpu().contiguous()
         meta = {"mode": self.mode, "seed": json.dumps(self.seed), "prompt": json.dumps(self.prompt)}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_safetensors(tensors, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "SamplerNoise":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..atomic import save_safetensors
 
 from engine.models.text import check_prompts, encode_prompts
 from engine.sampling.codec import normalize_latents
@@ -239,14 +239,7 @@ def write_latent_shard(path: str | os.PathLike, indices, prompt_embeds: torch.Te
             raise ValueError(f"{latents.shape[0]} latents for {prompt_embeds.shape[0]} prompt embeddings")
         tensors["latents"] = latents.detach().cpu().contiguous()
     meta = {"captions": json.dumps(list(captions))} if captions is not None else {}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors(tensors, path, metadata=meta)
 
 
 def write_latent_meta(directory: str | os.PathLike, num_samples: int, latent_shape, embed_shape,

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..atomic import save_safetensors
 
 from engine.sampling.schedule import FlowSchedule
 
@@ -103,15 +104,8 @@ class TrajectoryBank:
         return [i for i in indices if not self.path(i).is_file()]
 
     def write(self, i: int, states: torch.Tensor, x0: torch.Tensor, prompt_embeds: torch.Tensor) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"states": states.contiguous().cpu(), "x0": x0.contiguous().cpu(),
-                       "prompt_embeds": prompt_embeds.contiguous().cpu()}, tmp)
-            os.replace(tmp, self.path(i))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_safetensors({"states": states.contiguous().cpu(), "x0": x0.contiguous().cpu(),
+                          "prompt_embeds": prompt_embeds.contiguous().cpu()}, self.path(i))
 
     # the TrainData source interface
     def __len__(self) -> int:

@@ -54,7 +54,7 @@ from engine.sampling.codec import decode_full, normalize_latents
 from engine.sampling.noise import SamplerNoise
 from engine.sampling.schedule import FewStepSchedule, FlowSchedule, flow_to_x0
 from engine.training.losses import CriticLoss, DMDLoss, FlowMatchingLoss, ODERegressionLoss, as_x0_fn, cfg as cfg_fn
-from engine.training.ode import guided_flow, ode_grid, ode_solve
+from engine.training.ode import ode_grid, ode_solve
 from engine.training.rollout import draw_exit_steps, self_forcing_rollout
 
 
