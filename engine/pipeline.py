@@ -64,6 +64,7 @@ class EngineConfig:
     width: int = 832
     num_frames: int = 81
     fps: int = 16
+    prompt_grammar: str | None = None  # "shapes": prompts must parse with engine.data.parse_prompt
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":
@@ -242,6 +243,8 @@ class Engine:
         self.model_card: str | None = None
         self.source: str | None = None
         self.schedule = self.config.schedule()
+        if self.config.prompt_grammar not in (None, "shapes"):
+            raise ValueError(f"unknown prompt_grammar {self.config.prompt_grammar!r}; accepted: None, 'shapes'")
         if self.config.num_frame_per_block < 1:
             raise ValueError(f"num_frame_per_block must be >= 1, got {self.config.num_frame_per_block}")
         schedule = getattr(transformer.config, "noise_schedule", "flow")
@@ -356,6 +359,11 @@ class Engine:
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this engine has no text encoder; pass prompt_embeds= instead of a prompt")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if self.config.prompt_grammar == "shapes":  # the default model knows one small grammar: say so clearly
+            from .data.shapes import parse_prompt
+
+            for p in prompts:
+                parse_prompt(p)
         emb = encode_prompts(self.text_encoder, self.tokenizer, prompts, max_length=self.config.text_max_length,
                              device=self.device)
         return emb.to(self.dtype)

@@ -390,3 +390,14 @@ def test_default_generate_without_checkpoint_says_how_to_get_weights(tmp_path, m
     monkeypatch.setenv("ENGINE_CHECKPOINT", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="checkpoints/README.md"):
         engine.generate("a red circle moving left")
+
+
+def test_shapes_grammar_refuses_prompts_the_model_was_not_trained_for():
+    eng = tiny_engine(prompt_grammar="shapes")
+    with pytest.raises(ValueError, match="at most 2"):
+        eng.generate("a red circle and a blue square and a green triangle moving left")
+    with pytest.raises(ValueError, match="sideways.*knows only these words"):
+        eng.generate("a red circle moving sideways")
+    assert eng.generate("a red circle moving up left").frames.shape == (21, 32, 32, 3)
+    with pytest.raises(ValueError, match="prompt_grammar"):
+        tiny_engine(prompt_grammar="english")
