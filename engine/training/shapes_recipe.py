@@ -502,7 +502,8 @@ def engine_settings(c: RecipeConfig) -> dict:
     s = ShapesConfig()
     return dict(denoising_steps=list(c.denoising_steps), warp_denoising_steps=True, shift=c.shift,
                 num_frame_per_block=c.num_frame_per_block, guidance_scale=1.0, text_max_length=c.text_max_length,
-                height=s.height, width=s.width, num_frames=s.num_frames, fps=s.fps)
+                height=s.height, width=s.width, num_frames=s.num_frames, fps=s.fps,
+                prompt_grammar="shapes")  # the Engine refuses prompts outside the caption grammar
 
 
 def build_engine(c: RecipeConfig, transformer_dir: Path) -> Engine:
@@ -558,6 +559,9 @@ def stage_eval(c: RecipeConfig, which: str, transformer_dir: str | None, tag: st
     print(table, flush=True)
     summary = {k: res[k] for k in ("n", "color", "shape", "direction", "correct", "flicker")}
     summary.update(seconds_generate=t_gen, seconds_decode=t_dec, which=which, transformer_dir=transformer_dir)
+    seeds = [s for s in c.eval_seeds for _ in range(len(prompts) // len(c.eval_seeds))]
+    summary["per_video"] = [dict(prompt=r["prompt"], seed=s, color=r["color"], shape=r["shape"],
+                                 direction=r["direction"]) for r, s in zip(res["videos"], seeds)]
     (c.run / f"eval-{tag}.json").write_text(json.dumps(summary, indent=2))
     (c.run / f"eval-{tag}.md").write_text(table + "\n")
     np.savez_compressed(c.run / f"eval-{tag}-samples.npz", *videos[:8])
