@@ -32,16 +32,6 @@ STEPS = ["1000", "750", "500", "250"]
 PROMPT = "a red circle moving left"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model runs fastest on one intra-op thread, and much faster than on two when other processes
-    share the CPU (thread oversubscription); restored afterwards for the rest of the test session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def engine():
     return tiny_app_engine()

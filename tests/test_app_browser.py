@@ -12,7 +12,6 @@ import shutil
 import time
 
 import pytest
-import torch
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -40,14 +39,6 @@ const s = document.querySelector('#status');
 return {time: v ? v.currentTime : null, paused: v ? v.paused : null, ready: v ? v.readyState : null,
         duration: v ? v.duration : null, status: s ? s.innerText : ''};
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -18,15 +18,6 @@ from engine.testing import tiny_engine
 PROMPT = "a red circle moving left"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine OpenMP threads spin-wait (4x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def eng():
     return tiny_engine()

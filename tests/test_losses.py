@@ -415,24 +415,15 @@ def _w2(mean, std, t_mean, t_std):  # W2 distance between diagonal Gaussians
     return ((mean - t_mean).square().sum() + (std - t_std).square().sum()).sqrt().item()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny MLPs: one intra-op thread is faster than two and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("loss_name", ["dmd", "sid", "fgm"])
-def test_generator_matches_teacher_distribution(loss_name, one_thread):
+def test_generator_matches_teacher_distribution(loss_name):
     t_mean, t_std = TEACHER.moments()
     mean, std = _train(loss_name, TEACHER)
     assert (mean - t_mean).abs().max() < MEAN_TOL, (mean, t_mean)
     assert ((std - t_std).abs() / t_std).max() < STD_REL_TOL, (std, t_std)
 
 
-def test_wrong_sign_dmd_moves_away(one_thread):
+def test_wrong_sign_dmd_moves_away():
     """The same loop stepping on -loss (gradient negated exactly) drives the generator away from the teacher."""
     t_mean, t_std = TEACHER.moments()
     w2_start = _w2(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), t_mean, t_std)

@@ -23,15 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle moving left"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine OpenMP threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return str(tiny_engine().save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny"))

@@ -32,14 +32,6 @@ from engine.training.trainer import EMA, param_checksums, train
 TIME_KEYS = ("time", "step_time")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """Engine directories: two random tiny engines (teacher / generator) and one with another text width."""
