@@ -67,3 +67,16 @@ def test_prompt_outside_the_grammar_is_refused(eng):
         pytest.skip("engine_config has no prompt_grammar (needs the pipeline.py change of docs/default-model.md)")
     with pytest.raises(ValueError, match="at most 2"):
         eng.generate("a red circle and a blue square and a green triangle moving left", num_frames=9)
+
+
+def test_eval_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(CKPT), "--limit", "1", "--seeds", "0", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| model | videos | colour | shape | direction |" in text and "1 prompts x seeds [0]" in text
+    rec = json.loads(out.read_text())[str(CKPT)]
+    assert rec["n"] == 1 and rec["videos"][0]["prompt"] == "a red circle moving left"
+    assert main(["eval", "--limit", "65"]) == 2  # out of range: a clear error, exit code 2
+    assert "--limit must be in [0, 64]" in capsys.readouterr().err

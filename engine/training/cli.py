@@ -1,9 +1,14 @@
 """python -m engine train STAGE --config FILE --output-dir DIR [--max-steps N] [--resume] [--key value ...]
 
-STAGE: teacher | ode-init | dmd. FILE: a YAML preset (a path, or a name from configs/ such as tiny-dmd).
+STAGE: teacher | ode-init | dmd | vq | vq-dmd. FILE: a YAML preset (a path, or a name from configs/ such as tiny-dmd).
 `--key value` overrides any config key with a dotted path (`--dmd.loss sid --optim.lr 1e-5`); values are YAML.
 Several processes: `accelerate launch --config_file configs/accelerate-ddp.yaml -m engine train ...` or
 `torchrun --nproc_per_node N -m engine train ...`. See docs/training.md.
+
+The default model's recipe (docs/default-model.md) runs through the same command with the stages
+shapes-vae | shapes-latents | shapes-teacher | shapes-ode-bank | shapes-ode-init | shapes-dmd | shapes-eval |
+shapes-ship, e.g. `python -m engine train shapes-teacher --config configs/shapes-recipe.yaml --minutes 55`;
+their options are those of `engine.training.shapes_recipe` (and `engine.training.vae` for shapes-vae).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import sys
 from .config import STAGES, dump_config, list_presets, load_config
 
 EXIT_NONFINITE = 3
+SHAPES_STAGES = ("shapes-vae", "shapes-latents", "shapes-teacher", "shapes-ode-bank", "shapes-ode-init",
+                 "shapes-dmd", "shapes-eval", "shapes-ship")
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -27,7 +34,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=STAGES + SHAPES_STAGES)
     _options(p)
     # everything after STAGE, including the options above when they come after it, lands here: run() sorts it out
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value config overrides (dotted keys)")
@@ -44,7 +51,24 @@ def parse(args) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+def run_shapes(args) -> int:
+    """The default model's recipe stages: hand the command line to their drivers unchanged."""
+    argv = (["--config", args.config] if args.config else []) + (["--resume"] if args.resume else [])
+    argv += list(args.overrides or [])
+    if args.stage == "shapes-vae":
+        from .vae import main as vae_main
+
+        vae_main(argv)
+    else:
+        from .shapes_recipe import main as recipe_main
+
+        recipe_main([args.stage.removeprefix("shapes-"), *argv])
+    return 0
+
+
 def run(args) -> int:
+    if args.stage in SHAPES_STAGES:
+        return run_shapes(args)
     args, overrides = parse(args)
     if not args.config:
         raise ValueError("--config FILE is required (a YAML preset; see configs/)")

@@ -46,7 +46,11 @@ TINY_BASE = "tiny"  # models.base value: engine.testing.tiny_engine() components
 
 @dataclass
 class ModelsConfig:
-    """Engine directories the networks come from (see docs/training.md for the stage chain).
+    """Where the networks come from (see docs/training.md for the stage chain).
+
+    teacher, generator, critic and init take an engine directory (its transformer/ is used) or a transformer
+    directory (a diffusers save_pretrained folder, e.g. a teacher saved without VAE / text encoder); base must be
+    an engine directory with the VAE (and text encoder / tokenizer for captions).
 
     base: vae, text encoder and tokenizer (and, for a new teacher, the transformer architecture); "tiny" builds
         engine.testing.tiny_engine() in memory. Defaults to `teacher` for ode-init and dmd.

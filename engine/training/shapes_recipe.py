@@ -118,12 +118,21 @@ class RecipeConfig:
     def load(cls, path: str | None, overrides: list[str] = ()) -> "RecipeConfig":
         data = yaml.safe_load(Path(path).read_text()) if path else {}
         for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"--set takes key=value pairs, got {item!r}")
             k, v = item.split("=", 1)
             data[k.replace("-", "_")] = yaml.safe_load(v)
         valid = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ValueError(f"unknown recipe keys {unknown}; valid: {', '.join(sorted(valid))}")
+        for k, v in data.items():  # YAML 1.1 reads 1e-3 as a string: numbers are converted by the field's type
+            kind = cls.__dataclass_fields__[k].type
+            if kind in ("float", "int") and isinstance(v, str):
+                try:
+                    data[k] = float(v) if kind == "float" else int(v)
+                except ValueError:
+                    raise ValueError(f"recipe key {k!r} must be a number, got {v!r}") from None
         return cls(**data)
 
     @property
@@ -284,7 +293,7 @@ def stage_teacher(c: RecipeConfig, resume: bool) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=c.teacher_lr, weight_decay=0.01, betas=(0.9, 0.99))
     step, elapsed = 0, 0.0
     if resume and (out / "state.pt").is_file():
-        st = torch.load(out / "state.pt", weights_only=False)
+        st = torch.load(out / "state.pt", weights_only=True)
         model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["optim"])
         step, elapsed = st["step"], st["elapsed"]
     n_params = sum(p.numel() for p in model.parameters())
@@ -370,7 +379,7 @@ def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=c.ode_lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, elapsed = 0, 0.0
     if resume and (out / "state.pt").is_file():
-        st = torch.load(out / "state.pt", weights_only=False)
+        st = torch.load(out / "state.pt", weights_only=True)
         model.load_state_dict(st["model"]), opt.load_state_dict(st["optim"])
         step, elapsed = st["step"], st["elapsed"]
     sched = c.few_step()
@@ -434,7 +443,7 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
     opt_c = torch.optim.AdamW(critic.parameters(), lr=c.critic_lr, weight_decay=0.0, betas=(0.0, 0.999))
     step, elapsed = 0, 0.0
     if resume and (out / "state.pt").is_file():
-        st = torch.load(out / "state.pt", weights_only=False)
+        st = torch.load(out / "state.pt", weights_only=True)
         gen.load_state_dict(st["gen"]), critic.load_state_dict(st["critic"])
         opt_g.load_state_dict(st["opt_g"]), opt_c.load_state_dict(st["opt_c"])
         step, elapsed = st["step"], st["elapsed"]

@@ -140,6 +140,22 @@ def _engine_dir(path: str | None, key: str) -> Path:
     return p
 
 
+def transformer_dir(path: str | None, key: str) -> Path:
+    """The directory holding a transformer's config.json and weights: `<path>/transformer` of an engine
+    directory, or `path` itself when it is a transformer directory (a diffusers `save_pretrained` folder, e.g. a
+    teacher saved without VAE and text encoder)."""
+    if not path:
+        raise ValueError(f"config key {key} is required for this stage (an engine or transformer directory)")
+    p = Path(path)
+    if (p / "transformer").is_dir():
+        return p / "transformer"
+    if (p / "config.json").is_file():
+        return p
+    why = "does not exist" if not p.exists() else ("is neither an engine directory (no transformer/ inside) nor a "
+                                                   "transformer directory (no config.json inside)")
+    raise FileNotFoundError(f"{key} = {path} {why}")
+
+
 def load_components(cfg: Config, stage: str, device) -> Components:
     """VAE, text encoder and tokenizer of models.base (default: the teacher), without its transformer weights."""
     base = cfg.models.base or (cfg.models.teacher if stage != "teacher" else None)
@@ -152,7 +168,11 @@ def load_components(cfg: Config, stage: str, device) -> Components:
         eng = tiny_engine()
         vae, te, tok, tcfg = eng.vae, eng.text_encoder, eng.tokenizer, dict(eng.transformer.config)
     else:
-        path = _engine_dir(base, "models.base" if cfg.models.base else "models.teacher")
+        key = "models.base" if cfg.models.base else "models.teacher"
+        if not cfg.models.base and not (Path(base) / "transformer").is_dir() and (Path(base) / "config.json").is_file():
+            raise ValueError(f"models.teacher = {base} is a transformer directory (no VAE, text encoder or tokenizer "
+                             f"next to it): set models.base to an engine directory that has them")
+        path = _engine_dir(base, key)
         if not (path / "vae").is_dir():
             raise FileNotFoundError(f"{path} has no vae/: the base engine directory must hold the VAE")
         from diffusers import AutoencoderKLWan
@@ -173,13 +193,14 @@ def load_components(cfg: Config, stage: str, device) -> Components:
 
 
 def load_transformer(path: str | None, key: str) -> CausalWanTransformer3DModel:
-    """The transformer of an engine directory, float32 on the CPU."""
-    p = _engine_dir(path, key)
+    """The transformer of an engine directory or a transformer directory (`transformer_dir`), float32 on the
+    CPU, of the class its config.json names (causal or quantized)."""
+    p = transformer_dir(path, key)
     from ..models.quantized_wan import transformer_class_for
 
-    config = CausalWanTransformer3DModel.load_config(p / "transformer")
+    config = CausalWanTransformer3DModel.load_config(p)
     model = transformer_class_for(config).from_config(config)
-    load_model_weights(model, p / "transformer")
+    load_model_weights(model, p)
     return model
 
 

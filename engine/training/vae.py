@@ -114,13 +114,13 @@ def train(cfg: VAETrainConfig, output_dir: str, resume: bool = False, init: str 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, elapsed = 0, 0.0
     if resume and (out / "state.pt").is_file():
-        state = torch.load(out / "state.pt", weights_only=False)
+        state = torch.load(out / "state.pt", weights_only=True)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         step, elapsed = state["step"], state["elapsed"]
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
     elif init:
-        vae.load_state_dict(torch.load(init, weights_only=False)["model"])
+        vae.load_state_dict(torch.load(init, weights_only=True)["model"])
         print(f"initialised from {init}", flush=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     n_params = sum(p.numel() for p in vae.parameters())
@@ -200,6 +200,8 @@ def main(argv=None) -> None:
     for f in VAETrainConfig.__dataclass_fields__.values():
         if f.type in ("int", "float"):
             p.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=None)
+        elif f.type == "bool":
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None)
     args = p.parse_args(argv)
     cfg = VAETrainConfig()
     for name in VAETrainConfig.__dataclass_fields__:

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from engine.models.causal_wan import CausalWanTransformer3DModel
-from engine.models.quantized_wan import QuantizedCausalWanTransformer3DModel, VQInfo, transformer_class_for
+from engine.models.quantized_wan import QuantizedCausalWanTransformer3DModel, VQInfo
 from engine.sampling.ddpm import DDPMSchedule
 from engine.sampling.schedule import FlowSchedule
 
-from .stages import (DMDStage, TeacherStage, _engine_dir, build_data, check_compatible, new_transformer,
+from .stages import (DMDStage, TeacherStage, build_data, check_compatible, load_transformer, new_transformer,
                      prepare_trainable)
 from .vq_config import VQTrainConfig
 
@@ -135,15 +135,9 @@ def as_quantized(model: CausalWanTransformer3DModel, vq: VQTrainConfig,
 
 
 def load_any_transformer(path: str, key: str) -> CausalWanTransformer3DModel:
-    """stages.load_transformer, with the class chosen by the saved config (quantized or not)."""
-    from engine.pipeline import load_model_weights
-
-    p = _engine_dir(path, key)
-    cfg = CausalWanTransformer3DModel.load_config(p / "transformer")
-    cls = transformer_class_for(cfg)
-    model = cls.from_config(cfg)
-    load_model_weights(model, p / "transformer")
-    return model
+    """stages.load_transformer: an engine or transformer directory, the class chosen by its config (quantized
+    or not)."""
+    return load_transformer(path, key)
 
 
 # ------------------------------------------------------------------------------------------------ stages
