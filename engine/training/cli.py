@@ -54,6 +54,12 @@ def parse(args) -> tuple[argparse.Namespace, list[str]]:
 def run_shapes(args) -> int:
     """The default model's recipe stages: hand the command line to their drivers unchanged."""
     argv = (["--config", args.config] if args.config else []) + (["--resume"] if args.resume else [])
+    if args.stage == "shapes-vae":
+        argv = (["--output-dir", args.output_dir] if args.output_dir else []) + argv
+        argv += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
+    elif args.output_dir or args.max_steps is not None:
+        raise ValueError(f"--output-dir / --max-steps are not options of {args.stage}: the recipe writes under "
+                         "run_dir (--set run_dir=DIR) and each stage has a wall-clock budget (--minutes)")
     argv += list(args.overrides or [])
     if args.stage == "shapes-vae":
         from .vae import main as vae_main

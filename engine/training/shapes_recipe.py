@@ -42,8 +42,9 @@ import numpy as np
 import torch
 import yaml
 from diffusers import AutoencoderKLWan
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from engine.atomic import save_safetensors
 from engine.data.evaluate import EVAL_PROMPTS, evaluate, format_table
 from engine.data.shapes import VOCABULARY, ShapesConfig, ShapesDataset
 from engine.models.causal_wan import CausalWanTransformer3DModel
@@ -258,8 +259,8 @@ def stage_latents(c: RecipeConfig, resume: bool) -> None:
             z = vae.encode(video).latent_dist.mode()
             lats.append(normalize_latents(vae, z).float())
             caps += [it["caption"] for it in items]
-        save_file({"latents": torch.cat(lats).contiguous()},
-                  out / f"latents-s{c.shard_index:02d}-{k:06d}.safetensors", metadata={"captions": json.dumps(caps)})
+        save_safetensors({"latents": torch.cat(lats).contiguous()},
+                         out / f"latents-s{c.shard_index:02d}-{k:06d}.safetensors", metadata={"captions": json.dumps(caps)})
         k += len(idx)
         log_line(out / f"latents-s{c.shard_index:02d}.log", {"clips": k, "minutes": budget.elapsed() / 60})
 
@@ -348,10 +349,16 @@ def stage_ode_bank(c: RecipeConfig, resume: bool) -> None:
     grid = ode_grid(c.flow(), c.teacher_steps, keep=keep)
     shape = latent_shape(c, None)
     budget = Budget(c.ode_bank_minutes)
-    done = len(list(out.glob("bank-*.safetensors"))) * c.ode_batch if resume else 0
-    for s in range(done, c.ode_trajectories, c.ode_batch):
+    if not resume:
+        for p in out.glob("bank-*.safetensors"):
+            if (int(p.stem.split("-")[1]) // c.ode_batch) % c.shard_count == c.shard_index:
+                p.unlink()
+    # batch k of the bank belongs to shard k mod shard_count: processes side by side write disjoint files
+    for s in range(c.ode_batch * c.shard_index, c.ode_trajectories, c.ode_batch * c.shard_count):
         if not budget.left():
             break
+        if (out / f"bank-{s:06d}.safetensors").is_file():  # resume: done before the interruption
+            continue
         idx = list(range(s, min(c.ode_trajectories, s + c.ode_batch)))
         caps = [data.spec(i) for i in idx]
         from engine.data.shapes import caption
@@ -360,8 +367,8 @@ def stage_ode_bank(c: RecipeConfig, resume: bool) -> None:
         z = torch.randn((len(idx), *shape), generator=g)
         cond = embed(caps)
         states, x0 = ode_solve(teacher, z, cond, torch.zeros_like(cond), c.guidance_scale, grid, keep=keep)
-        save_file({"states": states.contiguous(), "x0": x0.contiguous(), "prompt_embeds": cond.contiguous()},
-                  out / f"bank-{s:06d}.safetensors", metadata={"captions": json.dumps(caps)})
+        save_safetensors({"states": states.contiguous(), "x0": x0.contiguous(), "prompt_embeds": cond.contiguous()},
+                         out / f"bank-{s:06d}.safetensors", metadata={"captions": json.dumps(caps)})
         log_line(out / "bank.log", {"trajectories": s + len(idx), "minutes": budget.elapsed() / 60})
 
 

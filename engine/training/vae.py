@@ -45,6 +45,7 @@ class VAETrainConfig:
     warmup_steps: int = 30
     kl_weight: float = 1e-6
     object_weight: float = 4.0          # extra loss weight of object pixels
+    align_weight: float = 0.0           # colour alignment: latent channels 0-2 ~ the cell's mean RGB (see below)
     minutes: float = 18.0               # wall-clock budget (the step count follows from it)
     max_steps: int = 100_000
     seed: int = 0
@@ -155,6 +156,9 @@ def train(cfg: VAETrainConfig, output_dir: str, resume: bool = False, init: str 
         l2 = ((rec - x) ** 2).mean()
         kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()  # per latent element
         loss = l1 + ((rec - x) ** 2 * wgt).mean() / wgt.mean() + cfg.kl_weight * kl
+        align = ((post.mean[:, :3] - colour_target(x, cfg)) ** 2).mean()
+        if cfg.align_weight:
+            loss = loss + cfg.align_weight * align
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -162,7 +166,7 @@ def train(cfg: VAETrainConfig, output_dir: str, resume: bool = False, init: str 
         step += 1
         if step % 10 == 0:
             rec_psnr = 10 * math.log10(4.0 / max(l2.item(), 1e-12))
-            rec = {"step": step, "loss": loss.item(), "l1": l1.item(), "psnr_train": rec_psnr,
+            rec = {"step": step, "loss": loss.item(), "l1": l1.item(), "psnr_train": rec_psnr, "align": align.item(),
                    "kl": kl.item(), "lr": opt.param_groups[0]["lr"], "minutes": (time.perf_counter() - t0) / 60}
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -173,6 +177,22 @@ def train(cfg: VAETrainConfig, output_dir: str, resume: bool = False, init: str 
     minutes = (time.perf_counter() - t0) / 60
     _save_state(out, vae, opt, step, time.perf_counter() - t0)
     return finalize(vae, out, cfg, step, minutes)
+
+
+def colour_target(x: torch.Tensor, cfg: VAETrainConfig) -> torch.Tensor:
+    """The mean RGB of each latent cell of video x (B, 3, T, H, W): frame 0 alone, then groups of 4 frames (the
+    causal VAE's time grid), averaged over the cell's pixels -> (B, 3, T', H / s, W / s).
+
+    With `align_weight`, the encoder is trained so that latent channels 0-2 carry this (colour alignment): colour
+    and position are then linear in the latent, so the average of many latents (what a diffusion model predicts
+    at high noise) still has the prompted colour instead of an arbitrary decoder output.
+    """
+    tf = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
+    sf = 2 ** (len(cfg.dim_mult) - 1)
+    B, C, T, H, W = x.shape
+    rest = x[:, :, 1:].reshape(B, C, (T - 1) // tf, tf, H, W).mean(3)
+    cells = torch.cat([x[:, :, :1], rest], 2)
+    return torch.nn.functional.avg_pool3d(cells, (1, sf, sf))
 
 
 def _save_state(out: Path, vae, opt, step: int, elapsed: float) -> None:
