@@ -53,7 +53,7 @@ def test_a_bare_teacher_needs_models_base(tmp_path):
 def test_shapes_vq_dmd_config_is_the_default_model_with_a_vq_head():
     cfg = C.load_config("shapes-vq-dmd", ["--models.teacher", "/some/teacher/transformer"])
     assert cfg.stage == "vq-dmd" and cfg.models.teacher == "/some/teacher/transformer"
-    assert cfg.models.generator == cfg.models.base == "checkpoints/shapes-sf" and cfg.models.critic is None
+    assert cfg.models.generator == cfg.models.base == "runs/student-init" and cfg.models.critic is None
     assert cfg.data.source == "shapes"
     assert cfg.dmd.guidance_scale == 3.0 and cfg.vq.quantization_weight == 0.1
     assert cfg.engine.schedule().timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])  # shift 3
