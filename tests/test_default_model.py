@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import engine
-from engine.data.evaluate import evaluate_video
+from engine.data.evaluate import EVAL_PROMPTS, evaluate_video
 
 CKPT = engine.default_checkpoint()
 pytestmark = pytest.mark.skipif(not (CKPT / "transformer").is_dir(), reason=f"no checkpoint at {CKPT}")
 
-# The one prompt / seed pair of the 128 evaluation videos that passes colour and direction (SELECTED, see the
-# model card: the shipped model is weak); the generation is deterministic for a seed.
-PROMPT, SEED = "a white square moving up", 0
+# The first four prompts of the evaluator's fixed set (not selected), seed 0. The model is scored over 128 videos by
+# the benchmark; here a short generation must pass the evaluator for most of them (one miss is allowed: the
+# shipped student gets ~92% of single-object prompts right, see the model card).
+PROMPTS, SEED = EVAL_PROMPTS[:4], 0
+PROMPT = PROMPTS[0]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +38,15 @@ def test_layout_and_size():
 
 
 def test_generation_passes_evaluator(eng):
-    chunks = list(eng.stream(PROMPT, seed=SEED, num_frames=eng.config.num_frames))
-    assert len(chunks) == 3
-    frames = torch.cat([torch.as_tensor(c.frames) for c in chunks]).numpy()
-    assert frames.shape == (eng.config.num_frames, eng.config.height, eng.config.width, 3)
-    res = evaluate_video(PROMPT, frames)
-    assert res["color"] == 1.0, res
-    assert res["direction"] == 1.0, res
+    passed = []
+    for prompt in PROMPTS:
+        chunks = list(eng.stream(prompt, seed=SEED, num_frames=eng.config.num_frames))
+        assert len(chunks) == 3
+        frames = torch.cat([torch.as_tensor(c.frames) for c in chunks]).numpy()
+        assert frames.shape == (eng.config.num_frames, eng.config.height, eng.config.width, 3)
+        res = evaluate_video(prompt, frames)
+        passed.append(res["color"] == 1.0 and res["direction"] == 1.0)
+    assert sum(passed) >= len(PROMPTS) - 1, list(zip(PROMPTS, passed))
 
 
 def test_same_seed_same_video(eng):

@@ -5,14 +5,14 @@ A compact, self-contained driver for the stages of the shipped model `checkpoint
 CausalWanTransformer3DModel, Engine) and only adds the loops. Every stage is time-budgeted (`--minutes`),
 writes its outputs under `run_dir` and can be resumed (`--resume`).
 
-    python -m engine.training.vae --output-dir /work/runs/vae --minutes 17 --threads 1   # the codec
-    python -m engine.training.shapes_recipe latents  --config configs/shapes-recipe.yaml
-    python -m engine.training.shapes_recipe teacher  --config configs/shapes-recipe.yaml
-    python -m engine.training.shapes_recipe ode-bank --config configs/shapes-recipe.yaml
-    python -m engine.training.shapes_recipe ode-init --config configs/shapes-recipe.yaml
-    python -m engine.training.shapes_recipe dmd      --config configs/shapes-recipe.yaml   # optional
-    python -m engine.training.shapes_recipe eval     --config configs/shapes-recipe.yaml --which teacher|student
-    python -m engine.training.shapes_recipe ship     --config configs/shapes-recipe.yaml --out checkpoints/shapes-sf
+    python -m engine train shapes-vae --output-dir runs/vae ...           # the codec (phases: docs/default-model.md)
+    python -m engine train shapes-latents  --config configs/shapes-recipe.yaml
+    python -m engine train shapes-teacher  --config configs/shapes-recipe.yaml
+    python -m engine train shapes-ode-bank --config configs/shapes-recipe.yaml [--set shard_index=I shard_count=N]
+    python -m engine train shapes-ode-init --config configs/shapes-recipe.yaml
+    python -m engine train shapes-dmd      --config configs/shapes-recipe.yaml
+    python -m engine train shapes-eval     --config configs/shapes-recipe.yaml --which teacher|student
+    python -m engine train shapes-ship     --config configs/shapes-recipe.yaml --transformer DIR --out checkpoints/shapes-sf
 
 Stages:
 - latents: the text encoder (tiny UMT5, frozen at its seeded random init, word tokenizer over VOCABULARY) and
@@ -63,8 +63,8 @@ from engine.training.rollout import draw_exit_steps, self_forcing_rollout
 
 @dataclass
 class RecipeConfig:
-    run_dir: str = "/work/runs/shapes"
-    vae_dir: str = "/work/runs/vae/vae"
+    run_dir: str = "runs/shapes"
+    vae_dir: str = "runs/vae/vae"
     threads: int = 0
     seed: int = 0
     # text encoder (frozen at random init)
