@@ -206,8 +206,13 @@ def plot_code_maps(code_maps: torch.Tensor, codebook_size: int, path, labels: li
                     ax.text(j, i, str(k), ha="center", va="center", fontsize=6)
             if p == 0:
                 ax.set_title(f"frame {f}", fontsize=8)
-        if labels:
-            axes[p, 0].set_ylabel(labels[p][:28], fontsize=7)
+    return _save_rows(plt, fig, axes, labels, path)
+
+
+def _save_rows(plt, fig, axes, labels: list[str] | None, path) -> Path:
+    """Label each row of a (rows, cols) figure, write it as a PNG and close it."""
+    for p, label in enumerate(labels or []):
+        axes[p, 0].set_ylabel(label[:28], fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -228,12 +233,7 @@ def frame_grid(videos: list[np.ndarray], path, labels: list[str] | None = None, 
             ax.set_xticks([]), ax.set_yticks([])
             if p == 0:
                 ax.set_title(f"t={f}", fontsize=8)
-        if labels:
-            axes[p, 0].set_ylabel(labels[p][:28], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save_rows(plt, fig, axes, labels, path)
 
 
 def model_tab_summary(engine, out_dir, prompts: list[str] | None = None, num_frames: int | None = None,

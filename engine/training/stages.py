@@ -387,6 +387,12 @@ class TeacherStage(Stage):
                                  "exclude each other")
         else:
             model = new_transformer(comps.transformer_config, m.transformer, cfg.train.seed)
+        self.attach_denoiser(model, cfg, comps, rt)
+        fm = cfg.flow_matching
+        self.loss_fn = FlowMatchingLoss(self.flow, min_frac=fm.min_frac, max_frac=fm.max_frac)
+
+    def attach_denoiser(self, model, cfg, comps, rt) -> None:
+        """Train `model` as the denoiser on data latents: checks, trainable, optimiser config, data, prompts."""
         check_compatible({"teacher": model}, comps.vae.config.z_dim)
         shape = self.latent_shape(model)
         self.trainables = {"teacher": prepare_trainable(model, cfg, rt.device)}
@@ -394,8 +400,6 @@ class TeacherStage(Stage):
         self.data, self.prompts = build_data(cfg, comps, rt, need_latents=True, latent_shape=shape,
                                              text_dim=model.config.text_dim)
         self.check_sample_prompts()
-        fm = cfg.flow_matching
-        self.loss_fn = FlowMatchingLoss(self.flow, min_frac=fm.min_frac, max_frac=fm.max_frac)
 
     def updates(self, step: int) -> list[Update]:
         return [Update("teacher", self.loss)]

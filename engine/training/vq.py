@@ -28,8 +28,7 @@ from engine.models.quantized_wan import QuantizedCausalWanTransformer3DModel, VQ
 from engine.sampling.ddpm import DDPMSchedule
 from engine.sampling.schedule import FlowSchedule
 
-from .stages import (DMDStage, TeacherStage, build_data, check_compatible, load_transformer, new_transformer,
-                     prepare_trainable)
+from .stages import DMDStage, TeacherStage, load_transformer, new_transformer
 from .vq_config import VQTrainConfig
 
 
@@ -168,13 +167,7 @@ class QuantizedTeacherStage(TeacherStage):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)
                 model = as_quantized(base, vq, **extra)
-        check_compatible({"teacher": model}, comps.vae.config.z_dim)
-        shape = self.latent_shape(model)
-        self.trainables = {"teacher": prepare_trainable(model, cfg, rt.device)}
-        self.optim_configs = {"teacher": cfg.optim}
-        self.data, self.prompts = build_data(cfg, comps, rt, need_latents=True, latent_shape=shape,
-                                             text_dim=model.config.text_dim)
-        self.check_sample_prompts()
+        self.attach_denoiser(model, cfg, comps, rt)
         T = cfg.engine.num_train_timesteps
         schedule = (FlowSchedule(T, cfg.engine.shift) if vq.noise_schedule == "flow"
                     else DDPMSchedule(vq.noise_schedule, T, min_step=vq.min_step, max_step=min(vq.max_step, T - 1)))
