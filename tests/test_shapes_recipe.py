@@ -376,3 +376,78 @@ def test_teacher_resume_continues_from_state(recipe, tmp_path):
     assert n3 > n1 and s3["step"] == n3
     assert all(float(v["step"]) == n3 for v in s3["optim"]["state"].values())  # AdamW's own step count
     assert s3["elapsed"] >= minutes * 60
+
+
+# ------------------------------------------------------------- text encoder trained with the teacher, extra data
+
+def test_text_encoder_trained_with_teacher_is_used_by_every_later_stage(recipe, tmp_path):
+    """train_text_encoder: the teacher stage trains the UMT5 encoder (the random one is nearly a bag of words) and
+    saves its EMA as teacher/text_encoder; the ODE bank conditions on it and the shipped engine carries it.
+    Also: a second latents set of two-object clips (latents_name, min_objects) is read as training data."""
+    from transformers import UMT5EncoderModel
+
+    from engine.models.text import encode_prompts
+    from engine.training.shapes_recipe import load_text
+
+    run = tmp_path / "run"
+    shutil.copytree(recipe["run"] / "base", run / "base")
+    for p in recipe["run"].glob("latents-*.safetensors"):
+        shutil.copy(p, run / p.name)
+    config, sets = recipe["config"], ["--set", f"run_dir={run}", "train_text_encoder=true"]
+    train("latents", config, "--set", f"run_dir={run}", "latents_name=pairs", "min_objects=2", "data_seed=5",
+          "num_clips=4")
+    with safe_open(str(run / "pairs-s00-000000.safetensors"), "pt") as f:
+        caps = json.loads(f.metadata()["captions"])
+    assert len(caps) == 4 and all(" and " in c for c in caps)
+    assert caps == [ShapesDataset(ShapesConfig(min_objects=2), seed=5, length=4)[i]["caption"] for i in range(4)]
+
+    train("teacher", config, *sets)
+    assert json.loads((run / "teacher" / "summary.json").read_text())["clips"] == NUM_CLIPS + 4
+    base = load_file(next((run / "base" / "text_encoder").glob("*.safetensors")))
+    trained = load_file(next((run / "teacher" / "text_encoder").glob("*.safetensors")))
+    assert base.keys() == trained.keys()
+    assert not torch.equal(base["shared.weight"], trained["shared.weight"])  # the embeddings learned
+    ema = torch.load(run / "teacher" / "state.pt", weights_only=True)["ema"]
+    assert torch.equal(ema["1.shared.weight"], trained["shared.weight"])  # the saved encoder is the EMA one
+
+    c = RecipeConfig.load(str(config), [f"run_dir={run}", "train_text_encoder=true"])
+    te, tok = load_text(c)
+    assert torch.equal(te.shared.weight, trained["shared.weight"]) and not te.shared.weight.requires_grad
+    train("ode-bank", config, *sets)
+    bank = sorted((run / "ode").glob("bank-*.safetensors"))[0]
+    with safe_open(str(bank), "pt") as f:
+        bank_caps = json.loads(f.metadata()["captions"])
+    with torch.no_grad():
+        expect = encode_prompts(te, tok, bank_caps, max_length=c.text_max_length)
+    torch.testing.assert_close(load_file(bank)["prompt_embeds"], expect)
+
+    out = tmp_path / "shipped"
+    train("ship", config, *sets[:1], *sets[1:], "--transformer", str(run / "teacher" / "transformer"),
+          "--out", str(out))
+    shipped = UMT5EncoderModel.from_pretrained(out / "text_encoder")
+    assert torch.equal(shipped.shared.weight, trained["shared.weight"])
+
+
+def test_teacher_data_parallel_under_torchrun(recipe, tmp_path):
+    """`torchrun --nproc_per_node 2 -m engine train shapes-teacher`: two processes (gloo), gradients averaged,
+    rank 0 writes; both stop together on rank 0's clock. The run's weights equal the rank-0 EMA written."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(recipe["run"] / "base", run / "base")
+    for p in recipe["run"].glob("latents-*.safetensors"):
+        shutil.copy(p, run / p.name)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "engine",
+           "train", "shapes-teacher", "--config", str(recipe["config"]), "--minutes", "0.05", "--set",
+           f"run_dir={run}", "train_text_encoder=true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run / "teacher" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["batch"] == 2 * 2 and summary["steps"] >= 1
+    st = torch.load(run / "teacher" / "state.pt", weights_only=True)
+    assert st["step"] == summary["steps"]
+    saved = load_file(next((run / "teacher" / "transformer").glob("*.safetensors")))
+    assert all(torch.equal(saved[k], st["ema"]["0." + k]) for k in saved)
+    assert len((run / "stages.log").read_text().splitlines()) == 1  # one line, from rank 0

@@ -15,11 +15,15 @@ writes its outputs under `run_dir` and can be resumed (`--resume`).
     python -m engine train shapes-ship     --config configs/shapes-recipe.yaml --transformer DIR --out checkpoints/shapes-sf
 
 Stages:
-- latents: the text encoder (tiny UMT5, frozen at its seeded random init, word tokenizer over VOCABULARY) and
+- latents: the text encoder (tiny UMT5 at its seeded random init, word tokenizer over VOCABULARY) and
   the latents of `latents.num_clips` dataset clips, encoded once (posterior mode, normalised).
 - teacher: a bidirectional Wan transformer (the causal class called without mask or cache computes exactly
   what WanTransformer3DModel computes), flow matching on the cached latents, caption dropout (zero
-  embeddings, the Engine's unconditional input) for classifier-free guidance, EMA.
+  embeddings, the Engine's unconditional input) for classifier-free guidance, EMA. With
+  `train_text_encoder` the UMT5 encoder is trained with it (EMA too) and saved as teacher/text_encoder, which
+  every later stage then uses frozen: a random encoder is nearly a bag of words (each token's output is
+  ~0.998 cosine-similar wherever the word stands), and Wan's cross-attention has no positions, so "a red
+  circle and a blue square" and "a blue circle and a red square" look alike to a teacher fed by it.
 - ode-bank: teacher ODE trajectories (Euler, `ode.steps` steps, CFG), states kept at the student's 4 timesteps.
 - ode-init: the causal student, initialised from the teacher, regresses each block's trajectory x0 from the
   trajectory state at a random one of its 4 timesteps, with the previous blocks' clean x0 in its KV cache
@@ -34,12 +38,14 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
@@ -48,7 +54,7 @@ from engine.atomic import save_safetensors
 from engine.data.evaluate import EVAL_PROMPTS, evaluate, format_table
 from engine.data.shapes import VOCABULARY, ShapesConfig, ShapesDataset
 from engine.models.causal_wan import CausalWanTransformer3DModel
-from engine.models.text import build_word_tokenizer, encode_prompts, tiny_umt5
+from engine.models.text import build_word_tokenizer, check_prompts, encode_prompts, tiny_umt5
 from engine.pipeline import Engine, to_uint8
 from engine.sampling.block_sampler import Conditioning, num_renoise, sample
 from engine.sampling.codec import decode_full, normalize_latents
@@ -67,7 +73,8 @@ class RecipeConfig:
     vae_dir: str = "runs/vae/vae"
     threads: int = 0
     seed: int = 0
-    # text encoder (frozen at random init)
+    # text encoder (random init; trained with the teacher if train_text_encoder, then frozen)
+    train_text_encoder: bool = False
     text_d_model: int = 64
     text_layers: int = 2
     text_heads: int = 2
@@ -85,6 +92,8 @@ class RecipeConfig:
     # latents
     num_clips: int = 1500
     data_seed: int = 1
+    min_objects: int = 1               # 2: a set of two-object clips only (added to a run's data, latents_name)
+    latents_name: str = "latents"      # file prefix: every NAME-sXX-*.safetensors in run_dir is training data
     encode_batch: int = 8
     latents_minutes: float = 15.0
     shard_index: int = 0
@@ -190,10 +199,15 @@ def build_text(c: RecipeConfig):
     return te, tok
 
 
-def load_text(c: RecipeConfig):
+def load_text(c: RecipeConfig, transformer_dir: Path | None = None):
+    """The frozen text encoder of this run: the teacher's (train_text_encoder) or the random base one. A
+    `text_encoder` folder beside `transformer_dir` (a copied teacher) takes precedence."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    return (UMT5EncoderModel.from_pretrained(c.run / "base" / "text_encoder").eval(),
+    folder = c.run / ("teacher" if c.train_text_encoder else "base") / "text_encoder"
+    if transformer_dir is not None and (Path(transformer_dir).parent / "text_encoder").is_dir():
+        folder = Path(transformer_dir).parent / "text_encoder"
+    return (UMT5EncoderModel.from_pretrained(folder).eval().requires_grad_(False),
             AutoTokenizer.from_pretrained(c.run / "base" / "tokenizer"))
 
 
@@ -240,10 +254,11 @@ def stage_latents(c: RecipeConfig, resume: bool) -> None:
         te.save_pretrained(out / "base" / "text_encoder")
         tok.save_pretrained(out / "base" / "tokenizer")
     vae = load_vae(c)
-    data = ShapesDataset(ShapesConfig(), seed=c.data_seed, length=c.num_clips)
+    data = ShapesDataset(ShapesConfig(min_objects=c.min_objects), seed=c.data_seed, length=c.num_clips)
     budget = Budget(c.latents_minutes)
     mine = list(range(c.shard_index, c.num_clips, c.shard_count))
-    pattern = f"latents-s{c.shard_index:02d}-*.safetensors"
+    prefix = f"{c.latents_name}-s{c.shard_index:02d}"
+    pattern = f"{prefix}-*.safetensors"
     shards = sorted(out.glob(pattern))
     done = sum(load_file(p)["latents"].shape[0] for p in shards) if resume else 0
     if not resume:
@@ -260,16 +275,16 @@ def stage_latents(c: RecipeConfig, resume: bool) -> None:
             lats.append(normalize_latents(vae, z).float())
             caps += [it["caption"] for it in items]
         save_safetensors({"latents": torch.cat(lats).contiguous()},
-                         out / f"latents-s{c.shard_index:02d}-{k:06d}.safetensors", metadata={"captions": json.dumps(caps)})
+                         out / f"{prefix}-{k:06d}.safetensors", metadata={"captions": json.dumps(caps)})
         k += len(idx)
-        log_line(out / f"latents-s{c.shard_index:02d}.log", {"clips": k, "minutes": budget.elapsed() / 60})
+        log_line(out / f"{prefix}.log", {"clips": k, "minutes": budget.elapsed() / 60})
 
 
 def read_latents(c: RecipeConfig) -> tuple[torch.Tensor, list[str]]:
     from safetensors import safe_open
 
     lats, caps = [], []
-    for p in sorted(c.run.glob("latents-*.safetensors")):
+    for p in sorted(c.run.glob("*-s[0-9][0-9]-[0-9]*.safetensors")):  # every latents_name
         with safe_open(str(p), "pt") as f:
             caps += json.loads(f.metadata()["captions"])
             lats.append(f.get_tensor("latents"))
@@ -283,57 +298,107 @@ def _save_state(path: Path, **state) -> None:
 
 
 def stage_teacher(c: RecipeConfig, resume: bool) -> None:
+    """Flow matching with caption dropout and EMA. Launched by torchrun (WORLD_SIZE > 1), every process trains on
+    its own batches and the gradients are averaged (gloo): data parallel over the CPU's cores."""
     out = c.run / "teacher"
     out.mkdir(parents=True, exist_ok=True)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
     lat, caps = read_latents(c)
-    te, tok = load_text(c)
-    embed = Embedder(te, tok, c.text_max_length)
-    emb_all = embed(caps)  # (N, L, D)
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    # the base (random) encoder, in eval mode (no dropout); trained only with train_text_encoder
+    te = UMT5EncoderModel.from_pretrained(c.run / "base" / "text_encoder").eval()
+    tok = AutoTokenizer.from_pretrained(c.run / "base" / "tokenizer")
+    te.requires_grad_(c.train_text_encoder)
+    if c.train_text_encoder:
+        check_prompts(tok, sorted(set(caps)))
+        ids = tok(caps, padding="max_length", max_length=c.text_max_length, truncation=True,
+                  return_tensors="pt")
+        ids, mask = ids.input_ids, ids.attention_mask  # (N, L)
+
+        def embed_batch(idx):
+            return te(ids[idx], attention_mask=mask[idx]).last_hidden_state * mask[idx, :, None]
+    else:
+        with torch.no_grad():
+            emb_all = Embedder(te, tok, c.text_max_length)(caps)  # (N, L, D)
+
+        def embed_batch(idx):
+            return emb_all[idx].clone()
     model = new_transformer(c).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.teacher_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    nets = torch.nn.ModuleList([model, te])  # trained together; the EMA copy holds both
+    ema = copy.deepcopy(nets).eval().requires_grad_(False)
+    params = [p for p in nets.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.teacher_lr, weight_decay=0.01, betas=(0.9, 0.99))
     step, elapsed = 0, 0.0
     if resume and (out / "state.pt").is_file():
         st = torch.load(out / "state.pt", weights_only=True)
-        model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["optim"])
+        nets.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["optim"])
         step, elapsed = st["step"], st["elapsed"]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"teacher: {n_params / 1e6:.2f}M parameters, {len(caps)} clips", flush=True)
+    n_text = sum(p.numel() for p in te.parameters()) if c.train_text_encoder else 0
+    print(f"teacher: {n_params / 1e6:.2f}M parameters (+{n_text / 1e6:.2f}M text encoder trained), "
+          f"{len(caps)} clips", flush=True)
+
+    def save():
+        _save_state(out / "state.pt", model=nets.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(),
+                    step=step, elapsed=budget.elapsed())
+        ema[0].save_pretrained(out / "transformer")
+        if c.train_text_encoder:
+            ema[1].save_pretrained(out / "text_encoder")
+    if world > 1:  # the same start everywhere (weights, EMA, step count)
+        for t in [*nets.state_dict().values(), *ema.state_dict().values()]:
+            dist.broadcast(t, 0)
     fm = FlowMatchingLoss(c.flow())
-    g = torch.Generator().manual_seed(c.seed + 1000 * step)
+    g = torch.Generator().manual_seed(c.seed + 1000 * step + 7919 * rank)  # each process its own batches
     budget = Budget(c.teacher_minutes, elapsed)
     t_save = time.perf_counter()
-    while budget.left():
-        lr = cosine_lr(step, budget.total_steps(step), c.teacher_lr)
+    while True:
+        # rank 0's clock decides for every process: go on or stop, and the learning rate
+        ctl = torch.tensor([float(budget.left()), cosine_lr(step, budget.total_steps(step), c.teacher_lr)],
+                           dtype=torch.float64)
+        if world > 1:
+            dist.broadcast(ctl, 0)
+        if not ctl[0]:
+            break
+        lr = float(ctl[1])
         for pg in opt.param_groups:
             pg["lr"] = lr
         idx = torch.randint(0, len(caps), (c.teacher_batch,), generator=g)
-        x, emb = lat[idx], emb_all[idx].clone()
+        x, emb = lat[idx], embed_batch(idx)
         drop = torch.rand(c.teacher_batch, generator=g) < c.caption_dropout
-        emb[drop] = 0.0  # the unconditional input: zero embeddings, as Engine.conditioning uses
+        emb = emb.masked_fill(drop[:, None, None], 0.0)  # the unconditional input: zero embeddings, as Engine.conditioning uses
         loss, logs = fm(x, lambda x_t, t: model(x_t, t, emb).sample, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if world > 1:  # data parallel: average the gradients (every process holds the same weights)
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= world
+            for p, part in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(part.view_as(p.grad))
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         with torch.no_grad():
             d = min(c.teacher_ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), nets.parameters()):
                 pe.lerp_(pm, 1 - d)
-        if step % 25 == 0:
+        if step % 25 == 0 and rank == 0:
             log_line(out / "log.jsonl", {"step": step, **logs, "grad_norm": float(gn), "lr": lr,
                                          "minutes": budget.elapsed() / 60})
         if time.perf_counter() - t_save > 120:
-            _save_state(out / "state.pt", model=model.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(),
-                        step=step, elapsed=budget.elapsed())
-            ema.save_pretrained(out / "transformer")
+            if rank == 0:
+                save()
             t_save = time.perf_counter()
-    _save_state(out / "state.pt", model=model.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(),
-                step=step, elapsed=budget.elapsed())
-    ema.save_pretrained(out / "transformer")
-    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
-                                                  "params": n_params, "clips": len(caps)}, indent=2))
+    if rank == 0:
+        save()
+        (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
+                                                      "params": n_params, "clips": len(caps), "processes": world,
+                                                      "batch": c.teacher_batch * world}, indent=2))
+    if world > 1:
+        dist.destroy_process_group()
 
 
 @torch.no_grad()
@@ -523,7 +588,7 @@ def engine_settings(c: RecipeConfig) -> dict:
 
 
 def build_engine(c: RecipeConfig, transformer_dir: Path) -> Engine:
-    te, tok = load_text(c)
+    te, tok = load_text(c, transformer_dir)
     student = load_transformer(transformer_dir)
     return Engine(student, load_vae(c), te, tok, **engine_settings(c))
 
@@ -535,7 +600,7 @@ def eval_videos(c: RecipeConfig, which: str, transformer_dir: Path | None = None
     seconds spent generating latents, seconds decoding)."""
     prompts = prompts or (EVAL_PROMPTS[: c.eval_limit] if c.eval_limit else EVAL_PROMPTS)
     vae = load_vae(c)
-    te, tok = load_text(c)
+    te, tok = load_text(c, transformer_dir)
     embed = Embedder(te, tok, c.text_max_length)
     jobs = [(p, s) for s in c.eval_seeds for p in prompts]
     shape = latent_shape(c, vae)
@@ -630,8 +695,9 @@ def main(argv=None) -> None:
     elif a.stage == "ship":
         stage_ship(c, a.transformer or str(c.run / "ode-init" / "transformer"), a.out or "checkpoints/shapes-sf",
                    a.card)
-    log_line(c.run / "stages.log", {"stage": a.stage, "minutes": (time.perf_counter() - t0) / 60,
-                                    "args": vars(a), "end": time.strftime("%H:%M:%S", time.gmtime())})
+    if int(os.environ.get("RANK", "0")) == 0:
+        log_line(c.run / "stages.log", {"stage": a.stage, "minutes": (time.perf_counter() - t0) / 60,
+                                        "args": vars(a), "end": time.strftime("%H:%M:%S", time.gmtime())})
 
 
 if __name__ == "__main__":
