@@ -318,14 +318,14 @@ def stage_teacher(c: RecipeConfig, resume: bool) -> None:
                   return_tensors="pt")
         ids, mask = ids.input_ids, ids.attention_mask  # (N, L)
 
-        def embed_batch(idx):
+        def embed_batch(idx):  # encode_prompts' computation, with gradient (it runs under no_grad)
             return te(ids[idx], attention_mask=mask[idx]).last_hidden_state * mask[idx, :, None]
     else:
         with torch.no_grad():
             emb_all = Embedder(te, tok, c.text_max_length)(caps)  # (N, L, D)
 
         def embed_batch(idx):
-            return emb_all[idx].clone()
+            return emb_all[idx]
     model = new_transformer(c).train()
     nets = torch.nn.ModuleList([model, te])  # trained together; the EMA copy holds both
     ema = copy.deepcopy(nets).eval().requires_grad_(False)
