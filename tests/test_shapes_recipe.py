@@ -451,3 +451,71 @@ def test_teacher_data_parallel_under_torchrun(recipe, tmp_path):
     saved = load_file(next((run / "teacher" / "transformer").glob("*.safetensors")))
     assert all(torch.equal(saved[k], st["ema"]["0." + k]) for k in saved)
     assert len((run / "stages.log").read_text().splitlines()) == 1  # one line, from rank 0
+
+
+def _average_in_process(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: its gradients are rank + 1 times a fixed pattern, one parameter has none."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    from engine.training.shapes_recipe import DataParallel
+
+    dp = DataParallel()
+    torch.manual_seed(rank)  # different weights: same_start must replace them with rank 0's
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    dp.same_start(net)
+    params = list(net.parameters())
+    for i, p in enumerate(params[:-1]):
+        p.grad = torch.arange(p.numel(), dtype=torch.float32).view_as(p) * (rank + 1) + i
+    go, lr = dp.control(rank == 0, 0.5 + rank)  # rank 0's values win
+    dp.average_grads(params)
+    torch.save({"grads": [p.grad for p in params[:-1]], "last": params[-1].grad, "state": net.state_dict(),
+                "go": go, "lr": lr}, f"{out}/rank{rank}.pt")
+    dp.close()
+
+
+def test_data_parallel_averages_gradients_and_follows_rank0(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_in_process, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).state_dict()
+    for r in (r0, r1):
+        assert all(torch.equal(r["state"][k], ref[k]) for k in ref)  # rank 0's initial weights everywhere
+        assert r["go"] is True and r["lr"] == 0.5
+        assert r["last"] is None  # a parameter without gradient is left alone
+        for i, g in enumerate(r["grads"]):  # mean over ranks of (rank + 1) * pattern + i = 1.5 * pattern + i
+            torch.testing.assert_close(g, torch.arange(g.numel(), dtype=torch.float32).view_as(g) * 1.5 + i)
+
+
+def test_student_stages_data_parallel_under_torchrun(shipped, tmp_path):
+    """ODE init and DMD under `torchrun --nproc_per_node 2`: both processes train, rank 0 writes the summary (2
+    processes, twice the batch), the log and the weights, which are those of its saved state."""
+    import subprocess
+    import sys
+
+    src, run = shipped["run"], tmp_path / "run"
+    for name in ("base", "teacher", "ode", "ode-init"):
+        shutil.copytree(src / name, run / name)
+    for p in src.glob("latents-*.safetensors"):
+        shutil.copy(p, run / p.name)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for stage, key in (("ode-init", "model"), ("dmd", "gen")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "engine", "train", f"shapes-{stage}", "--config", str(shipped["config"]), "--minutes", "0.03",
+               "--set", f"run_dir={run}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summary = json.loads((run / stage / "summary.json").read_text())
+        batch = 2 * (2 if stage == "ode-init" else 1)  # ode_batch_size 2, dmd_batch 1 per process
+        assert summary["processes"] == 2 and summary["batch"] == batch and summary["steps"] >= 1
+        st = torch.load(run / stage / "state.pt", weights_only=True)
+        assert st["step"] == summary["steps"]
+        saved = load_file(next((run / stage / "transformer").glob("*.safetensors")))
+        assert all(torch.equal(saved[k], st[key][k]) for k in saved)
+    logs = (run / "dmd" / "log.jsonl").read_text().splitlines()
+    assert len(logs) == json.loads((run / "dmd" / "summary.json").read_text())["steps"]  # one writer

@@ -297,14 +297,49 @@ def _save_state(path: Path, **state) -> None:
     tmp.replace(path)
 
 
+class DataParallel:
+    """Data parallel over the CPU's cores when launched by torchrun (WORLD_SIZE > 1, gloo): every process trains
+    on its own batches, starts from rank 0's weights, averages its gradients with the others, and goes on or
+    stops (and sets its learning rate) by rank 0's clock; rank 0 alone writes. One process: all no-ops."""
+
+    def __init__(self):
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.main = self.rank == 0
+        if self.world > 1:
+            dist.init_process_group("gloo")
+
+    def same_start(self, *modules: torch.nn.Module) -> None:
+        if self.world > 1:
+            for m in modules:
+                for t in m.state_dict().values():
+                    dist.broadcast(t, 0)
+
+    def control(self, go: bool, lr: float = 0.0) -> tuple[bool, float]:
+        ctl = torch.tensor([float(go), lr], dtype=torch.float64)
+        if self.world > 1:
+            dist.broadcast(ctl, 0)
+        return bool(ctl[0]), float(ctl[1])
+
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world > 1:
+            params = [p for p in params if p.grad is not None]
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for p, part in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(part.view_as(p.grad))
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
 def stage_teacher(c: RecipeConfig, resume: bool) -> None:
     """Flow matching with caption dropout and EMA. Launched by torchrun (WORLD_SIZE > 1), every process trains on
     its own batches and the gradients are averaged (gloo): data parallel over the CPU's cores."""
     out = c.run / "teacher"
     out.mkdir(parents=True, exist_ok=True)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
-        dist.init_process_group("gloo")
+    dp = DataParallel()
     lat, caps = read_latents(c)
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -347,22 +382,15 @@ def stage_teacher(c: RecipeConfig, resume: bool) -> None:
         ema[0].save_pretrained(out / "transformer")
         if c.train_text_encoder:
             ema[1].save_pretrained(out / "text_encoder")
-    if world > 1:  # the same start everywhere (weights, EMA, step count)
-        for t in [*nets.state_dict().values(), *ema.state_dict().values()]:
-            dist.broadcast(t, 0)
+    dp.same_start(nets, ema)
     fm = FlowMatchingLoss(c.flow())
-    g = torch.Generator().manual_seed(c.seed + 1000 * step + 7919 * rank)  # each process its own batches
+    g = torch.Generator().manual_seed(c.seed + 1000 * step + 7919 * dp.rank)  # each process its own batches
     budget = Budget(c.teacher_minutes, elapsed)
     t_save = time.perf_counter()
     while True:
-        # rank 0's clock decides for every process: go on or stop, and the learning rate
-        ctl = torch.tensor([float(budget.left()), cosine_lr(step, budget.total_steps(step), c.teacher_lr)],
-                           dtype=torch.float64)
-        if world > 1:
-            dist.broadcast(ctl, 0)
-        if not ctl[0]:
+        go, lr = dp.control(budget.left(), cosine_lr(step, budget.total_steps(step), c.teacher_lr))
+        if not go:
             break
-        lr = float(ctl[1])
         for pg in opt.param_groups:
             pg["lr"] = lr
         idx = torch.randint(0, len(caps), (c.teacher_batch,), generator=g)
@@ -372,12 +400,7 @@ def stage_teacher(c: RecipeConfig, resume: bool) -> None:
         loss, logs = fm(x, lambda x_t, t: model(x_t, t, emb).sample, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:  # data parallel: average the gradients (every process holds the same weights)
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            flat /= world
-            for p, part in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(part.view_as(p.grad))
+        dp.average_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -385,20 +408,19 @@ def stage_teacher(c: RecipeConfig, resume: bool) -> None:
             d = min(c.teacher_ema, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), nets.parameters()):
                 pe.lerp_(pm, 1 - d)
-        if step % 25 == 0 and rank == 0:
+        if step % 25 == 0 and dp.main:
             log_line(out / "log.jsonl", {"step": step, **logs, "grad_norm": float(gn), "lr": lr,
                                          "minutes": budget.elapsed() / 60})
         if time.perf_counter() - t_save > 120:
-            if rank == 0:
+            if dp.main:
                 save()
             t_save = time.perf_counter()
-    if rank == 0:
+    if dp.main:
         save()
         (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
-                                                      "params": n_params, "clips": len(caps), "processes": world,
-                                                      "batch": c.teacher_batch * world}, indent=2))
-    if world > 1:
-        dist.destroy_process_group()
+                                                      "params": n_params, "clips": len(caps), "processes": dp.world,
+                                                      "batch": c.teacher_batch * dp.world}, indent=2))
+    dp.close()
 
 
 @torch.no_grad()
@@ -443,8 +465,10 @@ def read_bank(c: RecipeConfig):
 
 
 def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
+    """Under torchrun, data parallel (DataParallel): each process draws its own batches from the whole bank."""
     out = c.run / "ode-init"
     out.mkdir(parents=True, exist_ok=True)
+    dp = DataParallel()
     bank = read_bank(c)
     N = bank["x0"].shape[0]
     model = load_transformer(c.run / "teacher" / "transformer").train()
@@ -454,17 +478,25 @@ def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
         st = torch.load(out / "state.pt", weights_only=True)
         model.load_state_dict(st["model"]), opt.load_state_dict(st["optim"])
         step, elapsed = st["step"], st["elapsed"]
+    dp.same_start(model)
     sched = c.few_step()
     ts, sig = torch.tensor(sched.timesteps), torch.tensor(sched.sigmas)
     K, fpb = len(sched), c.num_frame_per_block
     ode = ODERegressionLoss()
-    g = torch.Generator().manual_seed(c.seed + 7 + step)
+    g = torch.Generator().manual_seed(c.seed + 7 + step + 7919 * dp.rank)
     budget = Budget(c.ode_minutes, elapsed)
     _, _, n_frames, h, w = bank["x0"].shape
     t_save = time.perf_counter()
     print(f"ode-init: {N} trajectories", flush=True)
-    while budget.left():
-        lr = cosine_lr(step, budget.total_steps(step), c.ode_lr, warmup=50)
+
+    def save():
+        _save_state(out / "state.pt", model=model.state_dict(), optim=opt.state_dict(), step=step,
+                    elapsed=budget.elapsed())
+        model.save_pretrained(out / "transformer")
+    while True:
+        go, lr = dp.control(budget.left(), cosine_lr(step, budget.total_steps(step), c.ode_lr, warmup=50))
+        if not go:
+            break
         for pg in opt.param_groups:
             pg["lr"] = lr
         idx = torch.randint(0, N, (c.ode_batch_size,), generator=g)
@@ -485,29 +517,33 @@ def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
         loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dp.average_grads(list(model.parameters()))
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 10 == 0:
+        if step % 10 == 0 and dp.main:
             log_line(out / "log.jsonl", {"step": step, "ode_loss": loss.item(),
                                          **{f"block{i}": l.item() for i, l in enumerate(losses)},
                                          "grad_norm": float(gn), "lr": lr, "minutes": budget.elapsed() / 60})
         if time.perf_counter() - t_save > 120:
-            _save_state(out / "state.pt", model=model.state_dict(), optim=opt.state_dict(), step=step,
-                        elapsed=budget.elapsed())
-            model.save_pretrained(out / "transformer")
+            if dp.main:
+                save()
             t_save = time.perf_counter()
-    _save_state(out / "state.pt", model=model.state_dict(), optim=opt.state_dict(), step=step,
-                elapsed=budget.elapsed())
-    model.save_pretrained(out / "transformer")
-    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
-                                                  "trajectories": N}, indent=2))
+    if dp.main:
+        save()
+        (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
+                                                      "trajectories": N, "processes": dp.world,
+                                                      "batch": c.ode_batch_size * dp.world}, indent=2))
+    dp.close()
 
 
 def stage_dmd(c: RecipeConfig, resume: bool) -> None:
-    """Self-Forcing DMD from the ode-init student; the teacher (CFG) is the real score, a critic the fake one."""
+    """Self-Forcing DMD from the ode-init student; the teacher (CFG) is the real score, a critic the fake one.
+    Under torchrun, data parallel (DataParallel): every process rolls out its own batch; the critic's and the
+    generator's gradients are averaged."""
     out = c.run / "dmd"
     out.mkdir(parents=True, exist_ok=True)
+    dp = DataParallel()
     teacher = load_transformer(c.run / "teacher" / "transformer").requires_grad_(False)
     gen = load_transformer(c.run / "ode-init" / "transformer").train()
     critic = load_transformer(c.run / "teacher" / "transformer").train()
@@ -519,13 +555,14 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         gen.load_state_dict(st["gen"]), critic.load_state_dict(st["critic"])
         opt_g.load_state_dict(st["opt_g"]), opt_c.load_state_dict(st["opt_c"])
         step, elapsed = st["step"], st["elapsed"]
+    dp.same_start(gen, critic)
     lat, caps = read_latents(c)
     te, tok = load_text(c)
     embed = Embedder(te, tok, c.text_max_length)
     flow, sched = c.flow(), c.few_step()
     shape = latent_shape(c, None)
     dmd, crit = DMDLoss(flow), CriticLoss(flow)
-    g = torch.Generator().manual_seed(c.seed + 99 + step)
+    g = torch.Generator().manual_seed(c.seed + 99 + step + 7919 * dp.rank)
     budget = Budget(c.dmd_minutes, elapsed)
     fpb = c.num_frame_per_block
     t_save = time.perf_counter()
@@ -539,7 +576,11 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
                                                            differentiable=grad),
                                     num_frame_per_block=fpb, exit_steps=exits, grad=grad).x0
 
-    while budget.left():
+    def save():
+        _save_state(out / "state.pt", gen=gen.state_dict(), critic=critic.state_dict(), opt_g=opt_g.state_dict(),
+                    opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed())
+        gen.save_pretrained(out / "transformer")
+    while dp.control(budget.left())[0]:
         idx = torch.randint(0, len(caps), (c.dmd_batch,), generator=g)
         cond = embed([caps[i] for i in idx])
         uncond = torch.zeros_like(cond)
@@ -550,6 +591,7 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
             lc, logs_c = crit(x, lambda x_t, t: critic(x_t, t, cond).sample, generator=g)
             opt_c.zero_grad(set_to_none=True)
             lc.backward()
+            dp.average_grads(list(critic.parameters()))
             torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
             opt_c.step()
         # generator step
@@ -560,21 +602,24 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         lg, logs_g = dmd(x, real, fake, generator=g)
         opt_g.zero_grad(set_to_none=True)
         lg.backward()
+        dp.average_grads(list(gen.parameters()))
         gn = torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         opt_g.step()
         critic.zero_grad(set_to_none=True)
         step += 1
-        log_line(out / "log.jsonl", {"step": step, **logs_g, **logs_c, "grad_norm": float(gn),
-                                     "minutes": budget.elapsed() / 60})
+        if dp.main:
+            log_line(out / "log.jsonl", {"step": step, **logs_g, **logs_c, "grad_norm": float(gn),
+                                         "minutes": budget.elapsed() / 60})
         if time.perf_counter() - t_save > 120:
-            _save_state(out / "state.pt", gen=gen.state_dict(), critic=critic.state_dict(),
-                        opt_g=opt_g.state_dict(), opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed())
-            gen.save_pretrained(out / "transformer")
+            if dp.main:
+                save()
             t_save = time.perf_counter()
-    _save_state(out / "state.pt", gen=gen.state_dict(), critic=critic.state_dict(), opt_g=opt_g.state_dict(),
-                opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed())
-    gen.save_pretrained(out / "transformer")
-    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60}, indent=2))
+    if dp.main:
+        save()
+        (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
+                                                      "processes": dp.world, "batch": c.dmd_batch * dp.world},
+                                                     indent=2))
+    dp.close()
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
