@@ -302,9 +302,10 @@ class DataParallel:
     on its own batches, starts from rank 0's weights, averages its gradients with the others, and goes on or
     stops (and sets its learning rate) by rank 0's clock; rank 0 alone writes. One process: all no-ops."""
 
-    def __init__(self):
+    def __init__(self, save_seconds: float = 120.0):
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
+        self.save_seconds, self._saved = save_seconds, time.perf_counter()
         if self.world > 1:
             dist.init_process_group("gloo")
 
@@ -328,6 +329,21 @@ class DataParallel:
             flat /= self.world
             for p, part in zip(params, flat.split([p.numel() for p in params])):
                 p.grad.copy_(part.view_as(p.grad))
+
+    def checkpoint(self, save) -> None:
+        """Rank 0 calls `save` every save_seconds (the stage's resumable state)."""
+        if time.perf_counter() - self._saved > self.save_seconds:
+            if self.main:
+                save()
+            self._saved = time.perf_counter()
+
+    def finish(self, save, summary_path: Path, summary: dict, batch: int) -> None:
+        """The final save and the summary (with the process count and the global batch) by rank 0; then close."""
+        if self.main:
+            save()
+            summary_path.write_text(json.dumps({**summary, "processes": self.world, "batch": batch * self.world},
+                                               indent=2))
+        self.close()
 
     def close(self) -> None:
         if self.world > 1:
@@ -386,7 +402,6 @@ def stage_teacher(c: RecipeConfig, resume: bool) -> None:
     fm = FlowMatchingLoss(c.flow())
     g = torch.Generator().manual_seed(c.seed + 1000 * step + 7919 * dp.rank)  # each process its own batches
     budget = Budget(c.teacher_minutes, elapsed)
-    t_save = time.perf_counter()
     while True:
         go, lr = dp.control(budget.left(), cosine_lr(step, budget.total_steps(step), c.teacher_lr))
         if not go:
@@ -411,16 +426,9 @@ def stage_teacher(c: RecipeConfig, resume: bool) -> None:
         if step % 25 == 0 and dp.main:
             log_line(out / "log.jsonl", {"step": step, **logs, "grad_norm": float(gn), "lr": lr,
                                          "minutes": budget.elapsed() / 60})
-        if time.perf_counter() - t_save > 120:
-            if dp.main:
-                save()
-            t_save = time.perf_counter()
-    if dp.main:
-        save()
-        (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
-                                                      "params": n_params, "clips": len(caps), "processes": dp.world,
-                                                      "batch": c.teacher_batch * dp.world}, indent=2))
-    dp.close()
+        dp.checkpoint(save)
+    dp.finish(save, out / "summary.json", {"steps": step, "minutes": budget.elapsed() / 60, "params": n_params,
+                                           "clips": len(caps)}, c.teacher_batch)
 
 
 @torch.no_grad()
@@ -486,7 +494,6 @@ def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
     g = torch.Generator().manual_seed(c.seed + 7 + step + 7919 * dp.rank)
     budget = Budget(c.ode_minutes, elapsed)
     _, _, n_frames, h, w = bank["x0"].shape
-    t_save = time.perf_counter()
     print(f"ode-init: {N} trajectories", flush=True)
 
     def save():
@@ -525,16 +532,9 @@ def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
             log_line(out / "log.jsonl", {"step": step, "ode_loss": loss.item(),
                                          **{f"block{i}": l.item() for i, l in enumerate(losses)},
                                          "grad_norm": float(gn), "lr": lr, "minutes": budget.elapsed() / 60})
-        if time.perf_counter() - t_save > 120:
-            if dp.main:
-                save()
-            t_save = time.perf_counter()
-    if dp.main:
-        save()
-        (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
-                                                      "trajectories": N, "processes": dp.world,
-                                                      "batch": c.ode_batch_size * dp.world}, indent=2))
-    dp.close()
+        dp.checkpoint(save)
+    dp.finish(save, out / "summary.json", {"steps": step, "minutes": budget.elapsed() / 60, "trajectories": N},
+              c.ode_batch_size)
 
 
 def stage_dmd(c: RecipeConfig, resume: bool) -> None:
@@ -565,7 +565,6 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
     g = torch.Generator().manual_seed(c.seed + 99 + step + 7919 * dp.rank)
     budget = Budget(c.dmd_minutes, elapsed)
     fpb = c.num_frame_per_block
-    t_save = time.perf_counter()
 
     def rollout(cond, grad):
         noise = SamplerNoise.from_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
@@ -610,16 +609,8 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         if dp.main:
             log_line(out / "log.jsonl", {"step": step, **logs_g, **logs_c, "grad_norm": float(gn),
                                          "minutes": budget.elapsed() / 60})
-        if time.perf_counter() - t_save > 120:
-            if dp.main:
-                save()
-            t_save = time.perf_counter()
-    if dp.main:
-        save()
-        (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": budget.elapsed() / 60,
-                                                      "processes": dp.world, "batch": c.dmd_batch * dp.world},
-                                                     indent=2))
-    dp.close()
+        dp.checkpoint(save)
+    dp.finish(save, out / "summary.json", {"steps": step, "minutes": budget.elapsed() / 60}, c.dmd_batch)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
