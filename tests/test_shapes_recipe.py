@@ -519,3 +519,72 @@ def test_student_stages_data_parallel_under_torchrun(shipped, tmp_path):
         assert all(torch.equal(saved[k], st[key][k]) for k in saved)
     logs = (run / "dmd" / "log.jsonl").read_text().splitlines()
     assert len(logs) == json.loads((run / "dmd" / "summary.json").read_text())["steps"]  # one writer
+
+
+class _ZeroFlow(torch.nn.Module):
+    """A stand-in transformer that predicts zero flow (so x0 = its input) and records its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def make_cache(self, h, w, max_frames, differentiable):
+        return ("cache", h, w, max_frames, differentiable)
+
+    def forward(self, x, t, emb, kv_cache=None, update_cache=False):
+        self.calls.append((x.clone(), t.clone(), update_cache))
+        return type("Out", (), {"sample": torch.zeros_like(x) * self.w})()
+
+
+def test_ode_regression_per_sample_steps_and_clean_context():
+    """ode_regression (ODE init, and DMD's regression term): per block, the x0 prediction from the state of a
+    per-sample random few-step timestep against the trajectory's x0, the earlier blocks' clean x0 written to the
+    cache at t = 0; the loss is the mean of the per-block MSEs."""
+    from engine.training.shapes_recipe import ode_regression
+
+    c = RecipeConfig()
+    sched, fpb = c.few_step(), 3
+    B, N, F = 3, 5, 9
+    bank = {"states": torch.randn(N, len(sched), 4, F, 2, 2), "x0": torch.randn(N, 4, F, 2, 2),
+            "prompt_embeds": torch.randn(N, 7, 16)}
+    idx = torch.tensor([4, 0, 2])
+    model = _ZeroFlow()
+    loss, losses = ode_regression(model, bank, idx, sched, fpb, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    ref = []
+    for b in range(F // fpb):
+        sl = slice(b * fpb, (b + 1) * fpb)
+        k = torch.randint(0, len(sched), (B,), generator=g)
+        pred = bank["states"][idx, k][:, :, sl]  # zero flow: x0 prediction = the input state
+        ref.append((pred - bank["x0"][idx][:, :, sl]).square().mean())
+        x, t, upd = model.calls[2 * b]
+        assert not upd and torch.equal(x, pred)
+        assert torch.equal(t, torch.tensor(sched.timesteps)[k][:, None].expand(B, fpb).float())
+        if b + 1 < F // fpb:
+            x, t, upd = model.calls[2 * b + 1]
+            assert upd and torch.equal(x, bank["x0"][idx][:, :, sl]) and torch.equal(t, torch.zeros(B, fpb))
+    assert len(model.calls) == 2 * (F // fpb) - 1
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref))
+    torch.testing.assert_close(loss, torch.stack(ref).mean())
+    loss.backward()  # differentiable in the model's parameters
+    assert model.w.grad is not None
+
+
+def test_dmd_with_regression_term_and_its_own_guidance(shipped, tmp_path):
+    """dmd_regression_weight > 0 adds the ODE-init loss on the bank to every generator step (logged as ode_loss);
+    dmd_guidance_scale (bad values refused) sets the real score's CFG scale."""
+    src = shipped["run"]
+    for name, extra in (("a", ["dmd_regression_weight=1.0"]), ("b", ["dmd_regression_weight=1.0",
+                                                                       "dmd_guidance_scale=1.5"])):
+        run = tmp_path / name
+        for part in ("base", "teacher", "ode", "ode-init"):
+            shutil.copytree(src / part, run / part)
+        for p in src.glob("latents-*.safetensors"):
+            shutil.copy(p, run / p.name)
+        train("dmd", shipped["config"], "--minutes", "0.05", "--set", f"run_dir={run}", *extra)
+        logs = [json.loads(line) for line in (run / "dmd" / "log.jsonl").read_text().splitlines()]
+        assert logs and all(np.isfinite(r["ode_loss"]) and r["ode_loss"] > 0 for r in logs)
+    for bad in ("dmd_regression_weight=-1", "dmd_guidance_scale=.nan", "dmd_guidance_scale=high"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            RecipeConfig.load(None, [bad])

@@ -119,6 +119,8 @@ class RecipeConfig:
     dmd_lr: float = 2e-6
     critic_lr: float = 1e-4
     critic_steps: int = 3
+    dmd_guidance_scale: float = 0.0    # the real score's CFG scale in DMD; 0: guidance_scale (the teacher's)
+    dmd_regression_weight: float = 0.0  # > 0: + weight x the ODE-init loss on the bank in each generator step
     # evaluation
     eval_seeds: list = field(default_factory=lambda: [0, 1])
     eval_batch: int = 16
@@ -143,6 +145,9 @@ class RecipeConfig:
                     data[k] = float(v) if kind == "float" else int(v)
                 except ValueError:
                     raise ValueError(f"recipe key {k!r} must be a number, got {v!r}") from None
+        for k in ("dmd_guidance_scale", "dmd_regression_weight"):
+            if k in data and not (isinstance(data[k], (int, float)) and 0 <= data[k] < math.inf):
+                raise ValueError(f"recipe key {k!r} must be a finite number >= 0, got {data[k]!r}")
         return cls(**data)
 
     @property
@@ -472,6 +477,29 @@ def read_bank(c: RecipeConfig):
     return {k: torch.cat([p[k] for p in parts]) for k in ("states", "x0", "prompt_embeds")}
 
 
+def ode_regression(model, bank: dict, idx: torch.Tensor, sched: FewStepSchedule, fpb: int,
+                   g: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The ODE-init loss on bank trajectories `idx`: per block, the x0 prediction from a random step of the
+    few-step list (per sample) against the trajectory's x0, with the clean x0 of the earlier blocks as KV-cache
+    context (as the sampler writes it, context_t = 0). Returns (mean loss, per-block losses)."""
+    states, x0, emb = bank["states"][idx], bank["x0"][idx], bank["prompt_embeds"][idx]
+    ts, sig = torch.tensor(sched.timesteps), torch.tensor(sched.sigmas)
+    B, n_frames = len(idx), x0.shape[2]
+    cache = model.make_cache(x0.shape[3], x0.shape[4], max_frames=n_frames - fpb, differentiable=True)
+    losses = []
+    for b in range(n_frames // fpb):
+        sl = slice(b * fpb, (b + 1) * fpb)
+        k = torch.randint(0, len(sched), (B,), generator=g)  # per-sample step of the few-step list
+        x_in = states[torch.arange(B), k][:, :, sl]  # (B, C, Fb, H, W)
+        t = ts[k][:, None].expand(B, fpb).float()  # (B, Fb)
+        v = model(x_in, t, emb, kv_cache=cache).sample
+        pred = flow_to_x0(x_in, v, sig[k][:, None].expand(B, fpb))
+        losses.append(ODERegressionLoss()(pred, x0[:, :, sl])[0])
+        if b + 1 < n_frames // fpb:
+            model(x0[:, :, sl], torch.zeros(B, fpb), emb, kv_cache=cache, update_cache=True)
+    return torch.stack(losses).mean(), losses
+
+
 def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
     """Under torchrun, data parallel (DataParallel): each process draws its own batches from the whole bank."""
     out = c.run / "ode-init"
@@ -487,13 +515,9 @@ def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
         model.load_state_dict(st["model"]), opt.load_state_dict(st["optim"])
         step, elapsed = st["step"], st["elapsed"]
     dp.same_start(model)
-    sched = c.few_step()
-    ts, sig = torch.tensor(sched.timesteps), torch.tensor(sched.sigmas)
-    K, fpb = len(sched), c.num_frame_per_block
-    ode = ODERegressionLoss()
+    sched, fpb = c.few_step(), c.num_frame_per_block
     g = torch.Generator().manual_seed(c.seed + 7 + step + 7919 * dp.rank)
     budget = Budget(c.ode_minutes, elapsed)
-    _, _, n_frames, h, w = bank["x0"].shape
     print(f"ode-init: {N} trajectories", flush=True)
 
     def save():
@@ -506,22 +530,8 @@ def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
             break
         for pg in opt.param_groups:
             pg["lr"] = lr
-        idx = torch.randint(0, N, (c.ode_batch_size,), generator=g)
-        states, x0, emb = bank["states"][idx], bank["x0"][idx], bank["prompt_embeds"][idx]
-        B = len(idx)
-        cache = model.make_cache(h, w, max_frames=n_frames - fpb, differentiable=True)
-        losses = []
-        for b in range(n_frames // fpb):
-            sl = slice(b * fpb, (b + 1) * fpb)
-            k = torch.randint(0, K, (B,), generator=g)  # per-sample step of the few-step list
-            x_in = states[torch.arange(B), k][:, :, sl]  # (B, C, Fb, H, W)
-            t = ts[k][:, None].expand(B, fpb).float()  # (B, Fb)
-            v = model(x_in, t, emb, kv_cache=cache).sample
-            pred = flow_to_x0(x_in, v, sig[k][:, None].expand(B, fpb))
-            losses.append(ode(pred, x0[:, :, sl])[0])
-            if b + 1 < n_frames // fpb:  # clean context, as the sampler writes it (context_t = 0)
-                model(x0[:, :, sl], torch.zeros(B, fpb), emb, kv_cache=cache, update_cache=True)
-        loss = torch.stack(losses).mean()
+        loss, losses = ode_regression(model, bank, torch.randint(0, N, (c.ode_batch_size,), generator=g), sched,
+                                      fpb, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dp.average_grads(list(model.parameters()))
@@ -557,6 +567,7 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         step, elapsed = st["step"], st["elapsed"]
     dp.same_start(gen, critic)
     lat, caps = read_latents(c)
+    bank = read_bank(c) if c.dmd_regression_weight > 0 else None
     te, tok = load_text(c)
     embed = Embedder(te, tok, c.text_max_length)
     flow, sched = c.flow(), c.few_step()
@@ -596,9 +607,15 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         # generator step
         x = rollout(cond, grad=True)
         real = cfg_fn(as_x0_fn(lambda x_t, t: teacher(x_t, t, cond).sample, flow),
-                      as_x0_fn(lambda x_t, t: teacher(x_t, t, uncond).sample, flow), c.guidance_scale)
+                      as_x0_fn(lambda x_t, t: teacher(x_t, t, uncond).sample, flow),
+                      c.dmd_guidance_scale or c.guidance_scale)
         fake = as_x0_fn(lambda x_t, t: critic(x_t, t, cond).sample, flow)
         lg, logs_g = dmd(x, real, fake, generator=g)
+        if c.dmd_regression_weight > 0:  # DMD (v1)'s regression term, here on the teacher's ODE bank
+            lr_, _ = ode_regression(gen, bank, torch.randint(0, len(bank["x0"]), (c.dmd_batch,), generator=g),
+                                    sched, fpb, g)
+            lg = lg + c.dmd_regression_weight * lr_
+            logs_g["ode_loss"] = lr_.item()
         opt_g.zero_grad(set_to_none=True)
         lg.backward()
         dp.average_grads(list(gen.parameters()))
