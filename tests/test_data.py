@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.evaluate import EVAL_PROMPTS, evaluate, evaluate_video, flicker, format_table
+from engine.data.evaluate import EVAL_PROMPTS, evaluate, evaluate_video, flicker, format_table, mean_and_se
 from engine.data.shapes import (COLORS, DIRECTIONS, SHAPES, VOCABULARY, ShapesConfig, ShapesDataset, caption,
                                 frames_to_tensor, parse_prompt, render, sample_spec, spec_from_prompt,
                                 tensor_to_frames, trajectory)
@@ -192,3 +192,41 @@ def test_flicker_score():
     assert f_noisy > f_clean + 0.01 and f_pulse > f_clean + 0.05 and max(f_noisy, f_pulse) <= 1.0
     with pytest.raises(ValueError, match="uint8 frames"):
         flicker(clean.astype(np.float32))
+
+
+def test_standard_error_one_object_per_video_is_that_of_a_mean():
+    x = [1, 0, 1, 1, 1, 0, 1]
+    p, se = mean_and_se([[v] for v in x])
+    assert p == pytest.approx(np.mean(x)) and se == pytest.approx(np.std(x, ddof=1) / np.sqrt(len(x)))
+    assert np.isnan(mean_and_se([[1, 0]])[1])  # one video: no estimate
+
+
+def test_standard_error_matches_the_spread_of_accuracy_over_repeated_sets():
+    """Monte Carlo: 128 videos (a quarter with two objects whose outcomes are strongly correlated, as when a
+    video fails as a whole); the cluster standard error matches the standard deviation of the accuracy over
+    4000 repeated sets, where a binomial error over objects would be too small."""
+    rng = np.random.default_rng(0)
+    ps, ses = [], []
+    for _ in range(4000):
+        groups = []
+        for v in range(128):
+            if v % 4 == 3:  # two objects: both right (0.6), both wrong (0.2), one of two (0.2)
+                u = rng.random()
+                groups.append([1, 1] if u < 0.6 else [0, 0] if u < 0.8 else [1, 0])
+            else:
+                groups.append([int(rng.random() < 0.9)])
+        p, se = mean_and_se(groups)
+        ps.append(p), ses.append(se)
+    spread = np.std(ps)
+    assert np.mean(ses) == pytest.approx(spread, rel=0.05)
+    n_obj = 96 + 2 * 32
+    binomial = np.sqrt(np.mean(ps) * (1 - np.mean(ps)) / n_obj)
+    assert binomial < 0.93 * spread  # objects are not independent: the cluster error is the right one
+
+
+def test_table_shows_standard_errors():
+    res = evaluate(["a red circle moving left"] * 2, [video("a red circle moving left", s) for s in range(2)])
+    assert res["color_se"] == 0.0 and res["correct_se"] == 0.0
+    assert "| video | 2 | 100.0% ± 0.0 |" in format_table(res)
+    one = evaluate(["a red circle moving left"], [video("a red circle moving left")])
+    assert "| video | 1 | 100.0% | 100.0% |" in format_table(one)  # no error from a single video

@@ -82,5 +82,6 @@ def test_eval_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "| model | videos | colour | shape | direction |" in text and "1 prompts x seeds [0]" in text
     rec = json.loads(out.read_text())[str(CKPT)]
     assert rec["n"] == 1 and rec["videos"][0]["prompt"] == "a red circle moving left"
+    assert rec["color_se"] is None and 0 <= rec["color"] <= 1  # one video: no standard error (strict JSON)
     assert main(["eval", "--limit", "65"]) == 2  # out of range: a clear error, exit code 2
     assert "--limit must be in [0, 64]" in capsys.readouterr().err

@@ -571,12 +571,14 @@ def test_ode_regression_per_sample_steps_and_clean_context():
     assert model.w.grad is not None
 
 
-def test_dmd_with_regression_term_and_its_own_guidance(shipped, tmp_path):
+def test_dmd_options_regression_guidance_and_ema(shipped, tmp_path):
     """dmd_regression_weight > 0 adds the ODE-init loss on the bank to every generator step (logged as ode_loss);
-    dmd_guidance_scale (bad values refused) sets the real score's CFG scale."""
+    dmd_guidance_scale sets the real score's CFG scale; dmd_ema ships an EMA of the generator, a plain copy until
+    dmd_ema_start and a lagging average after it; bad values are refused."""
     src = shipped["run"]
-    for name, extra in (("a", ["dmd_regression_weight=1.0"]), ("b", ["dmd_regression_weight=1.0",
-                                                                       "dmd_guidance_scale=1.5"])):
+    init = load_file(next((src / "ode-init" / "transformer").glob("*.safetensors")))
+    for name, extra in (("a", ["dmd_regression_weight=1.0", "dmd_ema=0.5", "dmd_ema_start=0"]),
+                        ("b", ["dmd_guidance_scale=1.5", "dmd_ema=0.9", "dmd_ema_start=1000000"])):
         run = tmp_path / name
         for part in ("base", "teacher", "ode", "ode-init"):
             shutil.copytree(src / part, run / part)
@@ -584,7 +586,19 @@ def test_dmd_with_regression_term_and_its_own_guidance(shipped, tmp_path):
             shutil.copy(p, run / p.name)
         train("dmd", shipped["config"], "--minutes", "0.05", "--set", f"run_dir={run}", *extra)
         logs = [json.loads(line) for line in (run / "dmd" / "log.jsonl").read_text().splitlines()]
-        assert logs and all(np.isfinite(r["ode_loss"]) and r["ode_loss"] > 0 for r in logs)
-    for bad in ("dmd_regression_weight=-1", "dmd_guidance_scale=.nan", "dmd_guidance_scale=high"):
+        assert ("ode_loss" in logs[0]) == (name == "a")
+        assert all(np.isfinite(r.get("ode_loss", 0.0)) for r in logs)
+        st = torch.load(run / "dmd" / "state.pt", weights_only=True)
+        saved = load_file(next((run / "dmd" / "transformer").glob("*.safetensors")))
+        assert all(torch.equal(saved[k], st["ema"][k]) for k in saved)  # the EMA is what ships
+        moved = [k for k in saved if not torch.equal(st["gen"][k], init[k])]
+        assert moved
+        if name == "b":  # before dmd_ema_start: the EMA is the generator
+            assert all(torch.equal(st["ema"][k], st["gen"][k]) for k in saved)
+        else:  # an average that lags behind the generator
+            lag = sum((st["ema"][k] - init[k]).norm() ** 2 for k in moved) ** 0.5
+            ahead = sum((st["gen"][k] - init[k]).norm() ** 2 for k in moved) ** 0.5
+            assert 0 < lag < ahead
+    for bad in ("dmd_regression_weight=-1", "dmd_guidance_scale=.nan", "dmd_guidance_scale=high", "dmd_ema=1.0"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             RecipeConfig.load(None, [bad])

@@ -231,11 +231,29 @@ def evaluate(prompts: list[str], videos, free_frames: int | None = None) -> dict
     if not prompts:
         raise ValueError("nothing to evaluate: no prompts")
     results = [evaluate_video(p, v, free_frames) for p, v in zip(prompts, videos)]
-    objs = [o for r in results for o in r["objects"]]
-    acc = lambda key: float(np.mean([o[key] for o in objs]))
-    return dict(n=len(results), color=acc("color_ok"), shape=acc("shape_ok"), direction=acc("direction_ok"),
-                correct=float(np.mean([r["correct"] for r in results])),
-                flicker=float(np.mean([r["flicker"] for r in results])), videos=results)
+    out = dict(n=len(results))
+    for name, key in (("color", "color_ok"), ("shape", "shape_ok"), ("direction", "direction_ok")):
+        out[name], out[f"{name}_se"] = mean_and_se([[o[key] for o in r["objects"]] for r in results])
+    out["correct"], out["correct_se"] = mean_and_se([[r["correct"]] for r in results])
+    return dict(out, flicker=float(np.mean([r["flicker"] for r in results])), videos=results)
+
+
+def mean_and_se(groups: list[list[float]]) -> tuple[float, float]:
+    """Accuracy over all objects and its standard error, with the objects of one video as a cluster (the two
+    objects of a video are not independent): p = sum k_v / sum n_v and
+    SE^2 = V / (V - 1) * sum_v (k_v - p n_v)^2 / (sum n_v)^2 over the V videos (the usual ratio-estimator
+    variance; with one object per video it is the standard error of a mean, p (1 - p) / (V - 1)). NaN for V < 2."""
+    k = np.array([sum(g) for g in groups], dtype=float)
+    n = np.array([len(g) for g in groups], dtype=float)
+    p = float(k.sum() / n.sum())
+    V = len(groups)
+    se = float(np.sqrt(V / (V - 1) * np.sum((k - p * n) ** 2)) / n.sum()) if V > 1 else float("nan")
+    return p, se
+
+
+def aggregates(res: dict) -> dict:
+    """`evaluate`'s figures without the per-video results, for JSON (an undefined standard error is None)."""
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in res.items() if k != "videos"}
 
 
 def format_table(results: dict) -> str:
@@ -244,9 +262,10 @@ def format_table(results: dict) -> str:
     lines = ["| model | videos | colour | shape | direction | all correct | flicker |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['n']} | {100 * r['color']:.1f}% | {100 * r['shape']:.1f}% | "
-                     f"{100 * r['direction']:.1f}% | {100 * r['correct']:.1f}% | {r['flicker']:.4f} |")
-    return "\n".join(lines)
+        cells = [f"{100 * r[k]:.1f}%" + (f" ± {100 * r[k + '_se']:.1f}" if np.isfinite(r.get(k + "_se", np.nan))
+                                         else "") for k in ("color", "shape", "direction", "correct")]
+        lines.append(f"| {name} | {r['n']} | {' | '.join(cells)} | {r['flicker']:.4f} |")
+    return "\n".join(lines) + "\n(± one standard error over videos, the objects of a video counted together)"
 
 
 # ----------------------------------------------------------------------------------- python -m engine eval
@@ -290,7 +309,7 @@ def run(args) -> int:
     print(f"{len(prompts)} prompts x seeds {args.seeds}")
     print(format_table(rows))
     if args.json:
-        out = {k: {**{m: r[m] for m in ("n", "color", "shape", "direction", "correct", "flicker")},
+        out = {k: {**aggregates(r),
                    "videos": [{**{m: v[m] for m in ("prompt", "color", "shape", "direction", "correct")},
                                "seed": s} for v, (_, s) in zip(r["videos"], jobs)]} for k, r in rows.items()}
         write_text(args.json, json.dumps(out, indent=2))

@@ -51,7 +51,7 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
 from engine.atomic import save_safetensors
-from engine.data.evaluate import EVAL_PROMPTS, evaluate, format_table
+from engine.data.evaluate import EVAL_PROMPTS, aggregates, evaluate, format_table
 from engine.data.shapes import VOCABULARY, ShapesConfig, ShapesDataset
 from engine.models.causal_wan import CausalWanTransformer3DModel
 from engine.models.text import build_word_tokenizer, check_prompts, encode_prompts, tiny_umt5
@@ -121,6 +121,8 @@ class RecipeConfig:
     critic_steps: int = 3
     dmd_guidance_scale: float = 0.0    # the real score's CFG scale in DMD; 0: guidance_scale (the teacher's)
     dmd_regression_weight: float = 0.0  # > 0: + weight x the ODE-init loss on the bank in each generator step
+    dmd_ema: float = 0.0               # > 0: EMA of the generator (Self-Forcing: 0.99 from step 200), shipped
+    dmd_ema_start: int = 200
     # evaluation
     eval_seeds: list = field(default_factory=lambda: [0, 1])
     eval_batch: int = 16
@@ -145,6 +147,8 @@ class RecipeConfig:
                     data[k] = float(v) if kind == "float" else int(v)
                 except ValueError:
                     raise ValueError(f"recipe key {k!r} must be a number, got {v!r}") from None
+        if "dmd_ema" in data and not (isinstance(data["dmd_ema"], (int, float)) and 0 <= data["dmd_ema"] < 1):
+            raise ValueError(f"recipe key 'dmd_ema' must be in [0, 1) (0: no EMA), got {data['dmd_ema']!r}")
         for k in ("dmd_guidance_scale", "dmd_regression_weight"):
             if k in data and not (isinstance(data[k], (int, float)) and 0 <= data[k] < math.inf):
                 raise ValueError(f"recipe key {k!r} must be a finite number >= 0, got {data[k]!r}")
@@ -559,13 +563,16 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
     critic = load_transformer(c.run / "teacher" / "transformer").train()
     opt_g = torch.optim.AdamW(gen.parameters(), lr=c.dmd_lr, weight_decay=0.0, betas=(0.0, 0.999))
     opt_c = torch.optim.AdamW(critic.parameters(), lr=c.critic_lr, weight_decay=0.0, betas=(0.0, 0.999))
+    ema = copy.deepcopy(gen).eval().requires_grad_(False) if c.dmd_ema > 0 else None
     step, elapsed = 0, 0.0
     if resume and (out / "state.pt").is_file():
         st = torch.load(out / "state.pt", weights_only=True)
         gen.load_state_dict(st["gen"]), critic.load_state_dict(st["critic"])
         opt_g.load_state_dict(st["opt_g"]), opt_c.load_state_dict(st["opt_c"])
         step, elapsed = st["step"], st["elapsed"]
-    dp.same_start(gen, critic)
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
+    dp.same_start(gen, critic, *([ema] if ema is not None else []))
     lat, caps = read_latents(c)
     bank = read_bank(c) if c.dmd_regression_weight > 0 else None
     te, tok = load_text(c)
@@ -588,8 +595,9 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
 
     def save():
         _save_state(out / "state.pt", gen=gen.state_dict(), critic=critic.state_dict(), opt_g=opt_g.state_dict(),
-                    opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed())
-        gen.save_pretrained(out / "transformer")
+                    opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed(),
+                    **({"ema": ema.state_dict()} if ema is not None else {}))
+        (ema if ema is not None else gen).save_pretrained(out / "transformer")
     while dp.control(budget.left())[0]:
         idx = torch.randint(0, len(caps), (c.dmd_batch,), generator=g)
         cond = embed([caps[i] for i in idx])
@@ -623,6 +631,11 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         opt_g.step()
         critic.zero_grad(set_to_none=True)
         step += 1
+        if ema is not None:  # a plain copy until dmd_ema_start, then the running average
+            d = c.dmd_ema if step > c.dmd_ema_start else 0.0
+            with torch.no_grad():
+                for pe, pg in zip(ema.parameters(), gen.parameters()):
+                    pe.lerp_(pg, 1.0 - d)
         if dp.main:
             log_line(out / "log.jsonl", {"step": step, **logs_g, **logs_c, "grad_norm": float(gn),
                                          "minutes": budget.elapsed() / 60})
@@ -691,7 +704,7 @@ def stage_eval(c: RecipeConfig, which: str, transformer_dir: str | None, tag: st
     tag = tag or which
     table = format_table({tag: res})
     print(table, flush=True)
-    summary = {k: res[k] for k in ("n", "color", "shape", "direction", "correct", "flicker")}
+    summary = aggregates(res)  # accuracies, their standard errors, flicker
     summary.update(seconds_generate=t_gen, seconds_decode=t_dec, which=which, transformer_dir=transformer_dir)
     seeds = [s for s in c.eval_seeds for _ in range(len(prompts) // len(c.eval_seeds))]
     summary["per_video"] = [dict(prompt=r["prompt"], seed=s, color=r["color"], shape=r["shape"],
