@@ -35,6 +35,7 @@ Stages:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -63,6 +64,7 @@ from engine.sampling.schedule import FewStepSchedule, FlowSchedule, flow_to_x0
 from engine.training.losses import CriticLoss, DMDLoss, FlowMatchingLoss, ODERegressionLoss, as_x0_fn, cfg as cfg_fn
 from engine.training.ode import ode_grid, ode_solve
 from engine.training.rollout import draw_exit_steps, self_forcing_rollout
+from engine.training.trainer import EMA
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -563,7 +565,8 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
     critic = load_transformer(c.run / "teacher" / "transformer").train()
     opt_g = torch.optim.AdamW(gen.parameters(), lr=c.dmd_lr, weight_decay=0.0, betas=(0.0, 0.999))
     opt_c = torch.optim.AdamW(critic.parameters(), lr=c.critic_lr, weight_decay=0.0, betas=(0.0, 0.999))
-    ema = copy.deepcopy(gen).eval().requires_grad_(False) if c.dmd_ema > 0 else None
+    # the training module's EMA: a copy until the start step, then the average (Self-Forcing's ema_start_step)
+    ema = EMA(gen, c.dmd_ema, c.dmd_ema_start + 1) if c.dmd_ema > 0 else None
     step, elapsed = 0, 0.0
     if resume and (out / "state.pt").is_file():
         st = torch.load(out / "state.pt", weights_only=True)
@@ -571,8 +574,8 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         opt_g.load_state_dict(st["opt_g"]), opt_c.load_state_dict(st["opt_c"])
         step, elapsed = st["step"], st["elapsed"]
         if ema is not None:
-            ema.load_state_dict(st["ema"])
-    dp.same_start(gen, critic, *([ema] if ema is not None else []))
+            ema.shadow = st["ema"]
+    dp.same_start(gen, critic)  # the EMA is rank 0's alone: only rank 0 saves
     lat, caps = read_latents(c)
     bank = read_bank(c) if c.dmd_regression_weight > 0 else None
     te, tok = load_text(c)
@@ -596,8 +599,9 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
     def save():
         _save_state(out / "state.pt", gen=gen.state_dict(), critic=critic.state_dict(), opt_g=opt_g.state_dict(),
                     opt_c=opt_c.state_dict(), step=step, elapsed=budget.elapsed(),
-                    **({"ema": ema.state_dict()} if ema is not None else {}))
-        (ema if ema is not None else gen).save_pretrained(out / "transformer")
+                    **({"ema": ema.shadow} if ema is not None else {}))
+        with ema.swapped(gen) if ema is not None else contextlib.nullcontext():
+            gen.save_pretrained(out / "transformer")
     while dp.control(budget.left())[0]:
         idx = torch.randint(0, len(caps), (c.dmd_batch,), generator=g)
         cond = embed([caps[i] for i in idx])
@@ -631,11 +635,8 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
         opt_g.step()
         critic.zero_grad(set_to_none=True)
         step += 1
-        if ema is not None:  # a plain copy until dmd_ema_start, then the running average
-            d = c.dmd_ema if step > c.dmd_ema_start else 0.0
-            with torch.no_grad():
-                for pe, pg in zip(ema.parameters(), gen.parameters()):
-                    pe.lerp_(pg, 1.0 - d)
+        if ema is not None:
+            ema.update(gen, step)
         if dp.main:
             log_line(out / "log.jsonl", {"step": step, **logs_g, **logs_c, "grad_norm": float(gn),
                                          "minutes": budget.elapsed() / 60})
