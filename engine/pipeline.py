@@ -13,6 +13,7 @@ Layout on disk (diffusers conventions, the same sub-folders as a Wan2.1 diffuser
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ from .sampling.block_sampler import Conditioning, iter_blocks, num_renoise
 from .sampling.codec import StreamingDecoder, num_video_frames, spatial_compression, temporal_compression
 from .sampling.noise import SamplerNoise
 from .sampling.schedule import FewStepSchedule
+from .models.kv_cache import POSITION_MODES
 from .video import write_mp4
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -47,6 +49,10 @@ class EngineConfig:
     guidance_scale uses the standard convention uncond + w * (cond - uncond); 1.0 = off (distilled models).
     local_attn_frames: latent frames one block attends to, its own included (None = the whole stream);
     sink_frames: first frames kept in the window forever (LongLive's frame sink).
+    rope_positions: "window" (positions re-indexed within the attention window: unbounded streams; the default)
+    or "absolute" (every frame keeps its absolute position, sinks included, as Self-Forcing's and LongLive's
+    local_attn_size + sink_size: their outputs; a stream ends at Wan's 1024-frame RoPE table). The two agree
+    until the window first evicts a frame. See engine/models/kv_cache.py.
     """
 
     denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
@@ -57,6 +63,7 @@ class EngineConfig:
     context_t: float = 0.0
     local_attn_frames: int | None = None
     sink_frames: int = 0
+    rope_positions: str = "window"
     guidance_scale: float = 1.0
     negative_prompt: str = ""
     text_max_length: int = 512
@@ -73,6 +80,28 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine settings {unknown}; valid: {', '.join(sorted(valid))}")
         return cls(**d)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """ValueError naming the setting and its accepted range."""
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        if not is_int(self.num_frame_per_block) or self.num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be an int >= 1, got {self.num_frame_per_block!r}")
+        if self.rope_positions not in POSITION_MODES:
+            raise ValueError(f"unknown rope_positions {self.rope_positions!r}; accepted: "
+                             f"{', '.join(map(repr, POSITION_MODES))}")
+        if not is_int(self.sink_frames) or self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be an int >= 0, got {self.sink_frames!r}")
+        k, s, w = self.num_frame_per_block, self.sink_frames, self.local_attn_frames
+        if w is None:
+            if s:
+                raise ValueError(f"sink_frames={s} needs a rolling window: set local_attn_frames >= {s + 2 * k}")
+        elif not is_int(w) or w < s + 2 * k:
+            raise ValueError(f"local_attn_frames={w!r} cannot hold the sink frames and two blocks: it must be an int "
+                             f">= sink_frames + 2 * num_frame_per_block = {s + 2 * k} (or None: the whole stream)")
 
     def schedule(self) -> FewStepSchedule:
         return FewStepSchedule.from_denoising_steps(self.denoising_steps, shift=self.shift,
@@ -114,6 +143,7 @@ class StreamChunk:
     seconds_generate: float
     seconds_decode: float
     elapsed: float  # since the call started
+    prompt: str | None = None  # the prompt in force for this block (live streams)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -245,8 +275,6 @@ class Engine:
         self.schedule = self.config.schedule()
         if self.config.prompt_grammar not in (None, "shapes"):
             raise ValueError(f"unknown prompt_grammar {self.config.prompt_grammar!r}; accepted: None, 'shapes'")
-        if self.config.num_frame_per_block < 1:
-            raise ValueError(f"num_frame_per_block must be >= 1, got {self.config.num_frame_per_block}")
         schedule = getattr(transformer.config, "noise_schedule", "flow")
         if schedule != "flow":
             raise ValueError(f"this transformer uses the {schedule!r} DDPM schedule; the few-step flow sampler needs "
@@ -387,22 +415,30 @@ class Engine:
             uncond = uncond.to(self.device, self.dtype).expand_as(cond)
         return Conditioning(cond, uncond, self.config.guidance_scale)
 
-    def _caches(self, cond: Conditioning, noise: SamplerNoise, differentiable: bool):
+    def _caches(self, cond: Conditioning, shape, differentiable: bool):
+        """(cond cache, uncond cache or None) for latents of `shape` (B, C, F, H, W); F only matters without a
+        window (then the cache holds the whole video but its last block)."""
         c = self.config
-        n_latent = noise.shape[2]
+        n_latent = shape[2]
         if c.local_attn_frames is None:
             max_frames = max(n_latent - c.num_frame_per_block, c.num_frame_per_block)
         else:
-            if c.local_attn_frames < c.sink_frames + 2 * c.num_frame_per_block:
-                raise ValueError(f"local_attn_frames={c.local_attn_frames} is too small: it must be >= sink_frames "
-                                 f"+ 2 * num_frame_per_block = {c.sink_frames + 2 * c.num_frame_per_block}")
             max_frames = c.local_attn_frames - c.num_frame_per_block
-        h, w = noise.shape[3:]
+        h, w = shape[3:]
 
         def make():
             return self.transformer.make_cache(h, w, max_frames=max_frames, sink_frames=c.sink_frames,
-                                               differentiable=differentiable)
+                                               differentiable=differentiable, positions=c.rope_positions)
         return (make(), make() if cond.uses_cfg else None)
+
+    def with_settings(self, **settings) -> "Engine":
+        """A shallow copy (sharing the modules) that samples with these EngineConfig settings; self is untouched."""
+        if not settings:
+            return self
+        config = EngineConfig.from_dict({**dataclasses.asdict(self.config), **settings})
+        eng = copy.copy(self)
+        eng.config, eng.schedule = config, config.schedule()
+        return eng
 
     # -- generation -----------------------------------------------------------------------------------------
     def stream(self, prompt: str | None = None, *, prompt_embeds=None, negative_prompt_embeds=None,
@@ -430,7 +466,11 @@ class Engine:
         if cond.cond.shape[0] != noise.shape[0]:
             raise ValueError(f"{cond.cond.shape[0]} prompts for a noise batch of {noise.shape[0]}")
         grad = torch.is_grad_enabled() and (noise.z0.requires_grad or any(s.requires_grad for s in noise.step_noise))
-        caches = self._caches(cond, noise, differentiable=grad)
+        table = self.transformer.rope.max_seq_len
+        if self.config.rope_positions == "absolute" and noise.shape[2] > table:
+            raise ValueError(f"rope_positions='absolute' covers {table} latent frames (Wan's RoPE table); "
+                             f"{noise.shape[2]} were asked for: use rope_positions='window' for longer videos")
+        caches = self._caches(cond, noise.shape, differentiable=grad)
         decoder = StreamingDecoder(self.vae) if decode and output_type != "latent" else None
         with torch.set_grad_enabled(grad):
             blocks = iter_blocks(self.transformer, cond, noise, self.schedule, caches,
@@ -473,6 +513,48 @@ class Engine:
         timings = {"seconds": total, "first_block_seconds": chunks[0].elapsed, "fps": n / total,
                    "num_frames": n, "num_blocks": len(chunks)}
         return Video(frames, latents, noise, self.config.fps, timings)
+
+    def live(self, prompt: str | None = None, *, seed: int = 0, timeline=None, **settings):
+        """An open-ended LiveStream (engine/live.py). settings: EngineConfig fields (local_attn_frames,
+        sink_frames, rope_positions, denoising_steps, ...) and LiveStream options (recache, lookahead_blocks,
+        pace, max_blocks, max_seconds, lock, record, decode, height, width).
+
+        Without a window in the settings or the engine's config, the live default (LIVE_WINDOW_FRAMES latent
+        frames with LIVE_SINK_FRAMES sinks) is used: a live stream never takes the unbounded, drifting path.
+        """
+        from .live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES, LiveStream
+
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        config = {k: settings.pop(k) for k in list(settings) if k in fields}
+        if "local_attn_frames" in config and config["local_attn_frames"] is None:
+            raise ValueError("a live stream needs a rolling window: local_attn_frames must be an int, not None")
+        if config.get("local_attn_frames", self.config.local_attn_frames) is None:
+            config.setdefault("local_attn_frames", LIVE_WINDOW_FRAMES)
+            config.setdefault("sink_frames", LIVE_SINK_FRAMES)
+        return LiveStream(self.with_settings(**config), prompt, seed=seed, timeline=timeline, **settings)
+
+    def replay(self, seed: int, timeline, num_blocks: int, *, output_type: str = "np", **settings) -> Video:
+        """Regenerate num_blocks blocks of a live stream from its seed and timeline [(block, prompt), ...]
+        (settings as for `live`, e.g. those saved in its JSON); the same frames, bit for bit."""
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        from .live import check_timeline
+
+        timeline = check_timeline(timeline, num_blocks=num_blocks)
+        settings = {"pace": False, "record": False, **settings, "max_blocks": num_blocks}
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"replay output_type must be 'np' or 'latent', got {output_type!r}")
+        if output_type == "latent":
+            settings["decode"] = False
+        t0 = time.perf_counter()
+        with self.live(timeline=timeline, seed=seed, **settings) as live:
+            chunks = list(live)
+        latents = torch.cat([c.latents for c in chunks], dim=2)
+        frames = np.concatenate([c.frames for c in chunks]) if output_type == "np" else None
+        total = time.perf_counter() - t0
+        n = num_video_frames(self.vae, latents.shape[2])
+        return Video(frames, latents, None, self.config.fps, {"seconds": total, "fps": n / total, "num_frames": n,
+                                                               "num_blocks": len(chunks)})
 
     def attack(self, prompt: str | None = None, **kwargs):
         """Optimise the sampler noise against an objective; see engine.attack.optimize.attack."""

@@ -21,19 +21,31 @@ def _check_frames(frames) -> np.ndarray:
     return frames
 
 
-def _encode(container, frames: np.ndarray, fps: int, crf: int) -> None:
-    T, H, W, _ = frames.shape
+def _add_stream(container, H: int, W: int, fps: int, crf: int, **options):
     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-    # yuv420p needs even sizes: pad by repeating the last row / column
-    Hp, Wp = H + H % 2, W + W % 2
-    if (Hp, Wp) != (H, W):
-        frames = np.pad(frames, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)), mode="edge")
-    stream.height, stream.width = Hp, Wp
+    stream.height, stream.width = H + H % 2, W + W % 2  # yuv420p needs even sizes: see _pad_even
     stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": str(crf), "preset": "veryfast"}
-    for f in frames:
+    stream.options = {"crf": str(crf), "preset": "veryfast", **options}
+    return stream
+
+
+def _pad_even(frames: np.ndarray) -> np.ndarray:
+    """Pad odd heights / widths by repeating the last row / column (yuv420p)."""
+    H, W = frames.shape[1:3]
+    if H % 2 or W % 2:
+        frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+    return frames
+
+
+def _mux_frames(container, stream, frames: np.ndarray) -> None:
+    for f in _pad_even(frames):
         for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
             container.mux(packet)
+
+
+def _encode(container, frames: np.ndarray, fps: int, crf: int) -> None:
+    stream = _add_stream(container, frames.shape[1], frames.shape[2], fps, crf)
+    _mux_frames(container, stream, frames)
     for packet in stream.encode():
         container.mux(packet)
 
@@ -63,3 +75,56 @@ def read_video(path_or_bytes) -> tuple[np.ndarray, float]:
         fps = float(stream.average_rate or 0)
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     return np.stack(frames), fps
+
+
+class Mp4Recorder:
+    """An H.264 recording that grows on disk, never in memory: frames are encoded as they come.
+
+    The file is a fragmented mp4 (one fragment per frame, no encoder delay), so a copy taken at any moment is a
+    valid video of everything recorded so far (`snapshot`), except the newest frame, whose fragment is written
+    when the next frame comes or at `close()`. A crash leaves the file playable up to its last fragment.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: int = 16, crf: int = 18):
+        self.path, self.fps, self.crf = os.fspath(path), fps, crf
+        self.num_frames = 0
+        self._file = self._container = self._stream = None
+        self.closed = False
+
+    def add(self, frames) -> None:
+        """Append uint8 (T, H, W, 3) frames."""
+        if self.closed:
+            raise ValueError("the recording is closed")
+        frames = _check_frames(frames)
+        if self._container is None:
+            self._file = open(self.path, "wb")
+            self._container = av.open(self._file, mode="w", format="mp4", options={
+                "movflags": "frag_every_frame+empty_moov+default_base_moof", "flush_packets": "1"})
+            self._stream = _add_stream(self._container, frames.shape[1], frames.shape[2], self.fps, self.crf,
+                                       tune="zerolatency")
+        _mux_frames(self._container, self._stream, frames)
+        self._file.flush()
+        self.num_frames += len(frames)
+
+    def snapshot(self, dest: str | os.PathLike) -> str:
+        """Copy the recording so far to dest, atomically."""
+        if self.num_frames == 0:
+            raise ValueError("nothing recorded yet")
+        import shutil
+
+        from .atomic import atomic_path
+
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(self.path, tmp)
+        return os.fspath(dest)
+
+    def close(self) -> None:
+        """Flush the encoder and finish the file (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._container is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            self._file.close()

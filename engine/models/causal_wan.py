@@ -69,10 +69,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return (height // p_h) * (width // p_w)
 
     def make_cache(self, height: int, width: int, *, max_frames: int, sink_frames: int = 0,
-                   differentiable: bool = False) -> KVCache:
-        """An empty KV cache for latents of this height and width (in latent pixels)."""
+                   differentiable: bool = False, positions: str = "window") -> KVCache:
+        """An empty KV cache for latents of this height and width (in latent pixels); positions: see KVCache."""
         return KVCache(len(self.blocks), self.tokens_per_frame(height, width), max_frames=max_frames,
-                       sink_frames=sink_frames, differentiable=differentiable)
+                       sink_frames=sink_frames, differentiable=differentiable, positions=positions)
 
     def _rotary(self, frame_pos: torch.Tensor, pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin (1, len(frame_pos) * pph * ppw, 1, Dh) for the given temporal positions (memoised)."""
@@ -203,11 +203,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         else:
             raise ValueError(f"timestep must be (B,) or (B, F) = ({B}, {nF}), got {tuple(timestep.shape)}")
 
-        # positions: cached frames 0..n-1 (slot order), new frames after them (see kv_cache.py)
+        # positions: the cache's mode decides (kv_cache.py): re-indexed within the window, or absolute
         n_past = kv_cache.num_frames if kv_cache is not None else 0
-        q_pos = torch.arange(nF) + (n_past if kv_cache is not None else frame_offset)
+        q_pos = kv_cache.query_positions(nF) if kv_cache is not None else torch.arange(nF) + frame_offset
+        if kv_cache is not None and kv_cache.positions == "absolute" and int(q_pos[-1]) >= self.rope.max_seq_len:
+            raise ValueError(f"rope_positions='absolute' covers {self.rope.max_seq_len} latent frames (Wan's RoPE "
+                             f"table); frame {int(q_pos[-1])} is past it: use rope_positions='window' for longer "
+                             f"streams")
         rope_q = self._rotary(q_pos, pph, ppw, device)
-        rope_k = self._rotary(torch.arange(n_past + nF), pph, ppw, device) if n_past else rope_q
+        rope_k = self._rotary(torch.cat([kv_cache.key_positions(), q_pos]), pph, ppw, device) if n_past else rope_q
 
         mask = None
         if num_frame_per_block is not None:

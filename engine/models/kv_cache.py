@@ -7,13 +7,18 @@ Window. At most `max_frames` context frames are kept. When a write would overflo
 first `sink_frames` (LongLive's frame sink) are evicted. Inference buffers are preallocated and written in
 place, so memory is flat once the window is full.
 
-Positions. Keys are stored un-rotated; at each call the transformer gives the cached frames the positions
-0 .. n-1 in slot order (sinks first, then the rest in time order) and the new frames n, n+1, ... Until the
-first eviction these are exactly the absolute frame positions, so cached streaming equals full-sequence
-block-causal attention. After an eviction, every frame in the window keeps its relative distance to every
-other non-sink frame (RoPE only sees distances), and the sink frames sit right before the window. Positions
-therefore never exceed the window size, and a stream may be arbitrarily long although Wan's RoPE table
-covers 1024 frames.
+Positions (RoPE), two modes, chosen per cache (`positions=`):
+
+- `"window"` (re-indexing): keys are stored un-rotated; at each call the cached frames get the positions
+  0 .. n-1 in slot order (sinks first, then the rest in time order) and the new frames n, n+1, ... Until the
+  first eviction these are exactly the absolute frame positions, so cached streaming equals full-sequence
+  block-causal attention. After an eviction, every frame in the window keeps its relative distance to every
+  other non-sink frame (RoPE only sees distances), and the sink frames sit right before the window. Positions
+  never exceed the window size: a stream may be arbitrarily long although Wan's RoPE table covers 1024 frames.
+- `"absolute"`: every frame keeps the absolute position it was written at, sinks included, as Self-Forcing's
+  and LongLive's `local_attn_size` + `sink_size` do (their weights reproduce their outputs). The cache records
+  each slot's position; `next_position` is where the next written frame goes (settable, for a re-cache). A
+  stream in this mode ends at the RoPE table (the transformer refuses positions past it).
 
 Modes. `differentiable=False`: preallocated buffers, in-place writes (fast inference). `differentiable=True`:
 no in-place writes (tensors are concatenated and sliced), so autograd can follow later blocks back through
@@ -23,6 +28,8 @@ cached K/V to earlier noise. Both give the same numbers.
 from __future__ import annotations
 
 import torch
+
+POSITION_MODES = ("window", "absolute")
 
 
 class KVCache:
@@ -34,7 +41,10 @@ class KVCache:
         max_frames: int,
         sink_frames: int = 0,
         differentiable: bool = False,
+        positions: str = "window",
     ):
+        if positions not in POSITION_MODES:
+            raise ValueError(f"unknown rope_positions {positions!r}; accepted: {', '.join(POSITION_MODES)}")
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         if not (0 <= sink_frames < max_frames):
@@ -44,6 +54,9 @@ class KVCache:
         self.max_frames = max_frames
         self.sink_frames = sink_frames
         self.differentiable = differentiable
+        self.positions = positions
+        self.next_position = 0  # absolute position of the next frame written
+        self._frame_pos: list[int] = []  # absolute position of each held frame, in slot order
         self.num_frames = 0  # frames currently held (same for every layer between calls)
         self.total_frames = 0  # frames ever written
         self._k: list[torch.Tensor | None] = [None] * num_layers  # (B, max_frames * S, H, Dh) or (B, n * S, H, Dh)
@@ -57,6 +70,17 @@ class KVCache:
             return None
         n = self.num_frames * self.tokens_per_frame
         return self._k[layer][:, :n], self._v[layer][:, :n]
+
+    def key_positions(self) -> torch.Tensor:
+        """RoPE positions (num_frames,) of the held frames, in slot order."""
+        if self.positions == "absolute":
+            return torch.tensor(self._frame_pos, dtype=torch.long)
+        return torch.arange(self.num_frames)
+
+    def query_positions(self, new_frames: int) -> torch.Tensor:
+        """RoPE positions (new_frames,) of the frames of the next call."""
+        start = self.next_position if self.positions == "absolute" else self.num_frames
+        return torch.arange(new_frames) + start
 
     # -- writing --------------------------------------------------------------------------------------------
     def _evict(self, new_frames: int) -> int:
@@ -100,13 +124,20 @@ class KVCache:
 
     def advance(self, new_frames: int) -> None:
         """Commit a write of new_frames frames (after every layer has written)."""
+        drop = self._evict(new_frames)
+        s = self.sink_frames
+        new = list(range(self.next_position, self.next_position + new_frames))
+        self._frame_pos = self._frame_pos[:s] + self._frame_pos[s + drop:] + new
         self.num_frames = min(self.max_frames, self.num_frames + new_frames)
         self.total_frames += new_frames
+        self.next_position += new_frames
 
     def reset(self, keep_cross: bool = False) -> None:
         """Forget all frames (buffers are kept for reuse); optionally keep the prompt's cross-attention K/V."""
         self.num_frames = 0
         self.total_frames = 0
+        self.next_position = 0
+        self._frame_pos = []
         if self.differentiable:
             self._k = [None] * self.num_layers
             self._v = [None] * self.num_layers

@@ -136,7 +136,7 @@ def analyze_codebook(engine, prompts: list[str] | None = None, *, prompt_embeds:
                                    prompt_embeds[i:i + 1] if prompt_embeds is not None else None)
         noise = engine.make_noise(num_frames, seed + i)
         rec = _Recorder(model)
-        caches = engine._caches(cond, noise, differentiable=False)
+        caches = engine._caches(cond, noise.shape, differentiable=False)
         decoder = StreamingDecoder(engine.vae) if decode else None
         frames = []
         for info in iter_blocks(rec, cond, noise, schedule, caches,

@@ -81,30 +81,54 @@ def iter_blocks(
     if noise.num_renoise != need:
         raise ValueError(f"noise has {noise.num_renoise} step noises, the schedule needs {need}")
     num_blocks = n_frames // num_frame_per_block
-    sigmas = schedule.sigmas
-    device = noise.z0.device
-
-    def t_frames(t, n):  # (B, n) per-frame timesteps
-        return torch.full((B, n), float(t), device=device, dtype=torch.float32)
 
     for b in range(num_blocks):
         t0 = time.perf_counter()
         start, stop = b * num_frame_per_block, (b + 1) * num_frame_per_block
         x, steps = noise.block(start, stop)
-        x = x.float() if x.dtype != torch.float64 else x
-        for i, t in enumerate(schedule.timesteps):
-            v = _flow(model, x, t_frames(t, stop - start), cond, caches, update=False)
-            x0 = flow_to_x0(x, v, sigmas[i])
-            if i + 1 < len(sigmas):
-                x = add_noise(x0, steps[i], sigmas[i + 1])
-        # the clean block (optionally re-noised to context_t) becomes context for the following blocks
-        ctx = x0.detach() if detach_cache else x0
-        if schedule.context_t > 0:
-            ctx = add_noise(ctx, steps[-1], schedule.context_sigma)  # the last noise tensor is the context's
+        x0 = denoise_block(model, cond, x, steps, schedule, caches)
         if b + 1 < num_blocks:
-            _flow(model, ctx, t_frames(schedule.context_t, stop - start), cond, caches, update=True)
+            context_pass(model, cond, x0.detach() if detach_cache else x0, steps, schedule, caches)
         yield {"block": b, "num_blocks": num_blocks, "start": start, "stop": stop, "x0": x0,
                "seconds": time.perf_counter() - t0}
+
+
+def denoise_block(model, cond: Conditioning, x: torch.Tensor, steps: list[torch.Tensor],
+                  schedule: FewStepSchedule, caches) -> torch.Tensor:
+    """The few steps of one block: x (B, C, Fb, H, W) at sigma = 1 and its step noises -> x0 (float32 / 64)."""
+    x = x.float() if x.dtype != torch.float64 else x
+    B, n = x.shape[0], x.shape[2]
+    sigmas = schedule.sigmas
+    x0 = x
+    for i, t in enumerate(schedule.timesteps):
+        v = _flow(model, x, _t_frames(t, B, n, x.device), cond, caches, update=False)
+        x0 = flow_to_x0(x, v, sigmas[i])
+        if i + 1 < len(sigmas):
+            x = add_noise(x0, steps[i], sigmas[i + 1])
+    return x0
+
+
+def context_input(x0: torch.Tensor, steps: list[torch.Tensor], schedule: FewStepSchedule) -> torch.Tensor:
+    """What the context pass feeds the network: the clean block, re-noised to context_t if that is > 0 (with the
+    block's last step-noise tensor)."""
+    return add_noise(x0, steps[-1], schedule.context_sigma) if schedule.context_t > 0 else x0
+
+
+def context_pass(model, cond: Conditioning, x0: torch.Tensor, steps: list[torch.Tensor], schedule: FewStepSchedule,
+                 caches, *, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    """Write a generated block into the KV cache(s) as context for the following blocks; returns its input.
+
+    ctx: the context input itself (a re-cache replays stored inputs); default `context_input(x0, steps, ...)`.
+    """
+    ctx = context_input(x0, steps, schedule) if ctx is None else ctx
+    _flow(model, ctx, _t_frames(schedule.context_t, ctx.shape[0], ctx.shape[2], ctx.device), cond, caches,
+          update=True)
+    return ctx
+
+
+def _t_frames(t, B: int, n: int, device) -> torch.Tensor:
+    """(B, n) per-frame timesteps, all t."""
+    return torch.full((B, n), float(t), device=device, dtype=torch.float32)
 
 
 def sample(model, cond, noise, schedule, caches, *, num_frame_per_block: int,

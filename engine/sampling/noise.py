@@ -2,8 +2,14 @@
 
 `z0` is the initial noise of all latent frames (B, C, F, H, W), at sigma = 1. `step[i]` is the noise that
 re-noises the x0 prediction of denoising step i to the level of step i + 1 (one tensor per re-noising, same
-shape as z0; block b uses its frames of each tensor). Noise is drawn on the CPU from a `torch.Generator`
-seeded by the user and then moved, so the same seed gives the same video on any device.
+shape as z0; block b uses its frames of each tensor). Noise is drawn on the CPU and then moved, so the same seed
+gives the same video on any device.
+
+One scheme, per latent frame: the noise of latent frame f (its z0 frame, then its step noises, in that order) is
+drawn from a CPU generator seeded by `frame_seed(seed, f)` alone. Hence the noise of block b is a function of
+`(seed, b)` (and the block size), an endless stream needs no preallocated noise (`frame_noise` draws any frame),
+and a finite `SamplerNoise` of N frames is exactly the first N frames of the endless stream with that seed — for
+any block size. Saved noise files hold the tensors themselves and reproduce their videos whatever the scheme.
 
 Step-noise modes:
 - `independent`: step noises are tensors of their own (leaves an attack may optimise);
@@ -18,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -29,6 +36,39 @@ MODES = ("independent", "derived", "frozen")
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown step-noise mode {mode!r}; accepted: {', '.join(MODES)}")
+
+
+def frame_seed(seed: int, frame: int) -> int:
+    """The 64-bit generator seed of latent frame `frame` of the stream with `seed` (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([seed, frame]).generate_state(1, dtype=np.uint64)[0])
+
+
+def check_seed(seed) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def frame_noise(seed: int, frame: int, frame_shape, num_renoise: int, *, mode: str = "independent"):
+    """z0 (B, C, 1, H, W) of one latent frame and, unless mode is 'derived', its step noises (each z0's shape).
+
+    mode 'derived' returns the frame's permutations of z0's elements (one of numel(z0) per re-noising) instead.
+    """
+    _check_mode(mode)
+    g = torch.Generator("cpu").manual_seed(frame_seed(seed, frame))
+    z0 = torch.randn(tuple(frame_shape), generator=g, dtype=torch.float32)
+    if mode == "derived":
+        return z0, [torch.randperm(z0.numel(), generator=g) for _ in range(num_renoise)]
+    return z0, [torch.randn(tuple(frame_shape), generator=g, dtype=torch.float32) for _ in range(num_renoise)]
+
+
+def block_noise(seed: int, start: int, stop: int, frame_shape, num_renoise: int, *, device="cpu",
+                dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """z0 and step noises (B, C, stop - start, H, W) of latent frames [start, stop): what `from_seed(...).block`
+    gives, without materialising the frames before `start` (live streams)."""
+    frames = [frame_noise(seed, f, frame_shape, num_renoise) for f in range(start, stop)]
+    z0 = torch.cat([z for z, _ in frames], dim=2).to(device, dtype)
+    steps = [torch.cat([s[i] for _, s in frames], dim=2).to(device, dtype) for i in range(num_renoise)]
+    return z0, steps
 
 
 @dataclass
@@ -49,19 +89,34 @@ class SamplerNoise:
     @classmethod
     def from_seed(cls, seed: int, shape, num_renoise: int, *, mode: str = "independent", device="cpu",
                   dtype=torch.float32) -> "SamplerNoise":
-        """Draw z0 (shape) and num_renoise step noises from a CPU generator seeded with `seed`."""
+        """z0 (shape (B, C, F, H, W)) and num_renoise step noises, latent frame by frame (see `frame_noise`).
+
+        'derived': each step noise permutes the elements of z0 within each latent frame (a per-frame permutation,
+        so a frame's step noise is still a function of (seed, frame) alone).
+        """
         _check_mode(mode)
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        check_seed(seed)
         if num_renoise < 0:
             raise ValueError(f"num_renoise must be >= 0, got {num_renoise}")
-        g = torch.Generator("cpu").manual_seed(seed)
-        z0 = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+        shape = tuple(shape)
+        if len(shape) != 5:
+            raise ValueError(f"noise shape must be (B, C, F, H, W), got {shape}")
+        frame_shape = (*shape[:2], 1, *shape[3:])
+        frames = [frame_noise(seed, f, frame_shape, num_renoise, mode=mode) for f in range(shape[2])]
+        z0 = torch.cat([z for z, _ in frames], dim=2)
         if mode == "derived":
-            perms = [torch.randperm(z0.numel(), generator=g) for _ in range(num_renoise)]
-            return cls(z0.to(device, dtype), [], mode, seed, [p.to(device) for p in perms])
-        steps = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for _ in range(num_renoise)]
-        return cls(z0.to(device, dtype), [s.to(device, dtype) for s in steps], mode, seed)
+            # frame f's permutation acts on the flat indices of z0[:, :, f] (B, C, H, W order)
+            index = torch.arange(z0.numel()).view(shape)
+            perms = []
+            for i in range(num_renoise):
+                perm = torch.empty(z0.numel(), dtype=torch.long)
+                for f, (_, p) in enumerate(frames):
+                    idx = index[:, :, f].flatten()
+                    perm[idx] = idx[p[i]]
+                perms.append(perm.to(device))
+            return cls(z0.to(device, dtype), [], mode, int(seed), perms)
+        steps = [torch.cat([s[i] for _, s in frames], dim=2).to(device, dtype) for i in range(num_renoise)]
+        return cls(z0.to(device, dtype), steps, mode, int(seed))
 
     # -- access ---------------------------------------------------------------------------------------------
     @property
