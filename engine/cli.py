@@ -1,4 +1,4 @@
-"""python -m engine generate | convert | eval | train | attack | sweep
+"""python -m engine generate | live | convert | eval | train | attack | sweep
 
 Each sub-command lives with its module: a module that provides `add_arguments(parser)` and `run(args)`.
 """
@@ -12,6 +12,7 @@ import sys
 # name -> (module, help); modules are imported only when their command runs (or to build its parser)
 COMMANDS = {
     "generate": ("engine.commands.generate", "generate a video and write it as mp4"),
+    "live": ("engine.commands.live", "an open-ended live stream with prompt switches, written as mp4 + timeline"),
     "convert": ("engine.models.convert", "convert original Wan / Self-Forcing weights to an engine directory"),
     "eval": ("engine.data.evaluate", "score a checkpoint with the shapes evaluator"),
     "train": ("engine.training.cli", "train a teacher, an ODE-initialised or a Self-Forcing DMD generator"),

@@ -51,6 +51,19 @@ LIVE_WINDOW_FRAMES = 12
 LIVE_SINK_FRAMES = 3
 
 
+def block_start_frame(block: int, num_frame_per_block: int, temporal: int = 4) -> int:
+    """Index of the first video frame of `block` (block 0 gives 1 + 4 (k - 1) frames, every later one 4 k)."""
+    return 0 if block == 0 else 1 + temporal * (num_frame_per_block * block - 1)
+
+
+def block_at_seconds(seconds: float, fps: int, num_frame_per_block: int, temporal: int = 4) -> int:
+    """The first block whose first frame is shown at or after `seconds` of video."""
+    b = 0
+    while block_start_frame(b, num_frame_per_block, temporal) < seconds * fps - 1e-9:
+        b += 1
+    return b
+
+
 def check_timeline(timeline, *, num_blocks: int | None = None) -> list[tuple[int, str]]:
     """[(block, prompt), ...] with block 0 first and strictly increasing blocks; a clear error otherwise."""
     if not isinstance(timeline, (list, tuple)) or not timeline:

@@ -265,3 +265,29 @@ def test_bad_input(eng, tmp_path):
     assert (s["local_attn_frames"], s["sink_frames"]) == (LIVE_WINDOW_FRAMES, LIVE_SINK_FRAMES)
     assert plain.config.local_attn_frames is None  # the engine itself is untouched
     assert json.loads(json.dumps(s)) == s
+
+
+def test_cli_live_writes_mp4_and_timeline_and_replays_it(tmp_path, capsys):
+    from engine.cli import main
+
+    ckpt = tiny_engine().save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "live.mp4"
+    args = ["live", RED, "--seconds", "3", "--switch", f"1.5:{BLUE}", "--out", str(out), "--checkpoint", str(ckpt),
+            "--window", "9", "--sink", "3"]
+    assert main(args) == 0
+    assert "real time" in capsys.readouterr().out
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["timeline"] == [[0, RED], [3, BLUE]]  # 1.5 s = frame 24; blocks start at frames 0, 9, 21, 33
+    assert meta["local_attn_frames"] == 9 and meta["num_frames"] >= 48
+    again = tmp_path / "again.mp4"
+    assert main(["live", "--timeline", str(out.with_suffix(".json")), "--out", str(again),
+                 "--checkpoint", str(ckpt)]) == 0
+    assert np.array_equal(read_video(again)[0], read_video(out)[0])
+    for bad, msg in ((["--seconds", "0"], "--seconds must be > 0"), (["--switch", "9:" + BLUE], "past the end"),
+                     (["--switch", "x"], "SECONDS:PROMPT"), (["--window", "4"], "local_attn_frames")):
+        assert main(["live", RED, "--seconds", "3", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b.mp4"),
+                     *bad]) == 2
+        assert msg in capsys.readouterr().err
+    (tmp_path / "t.json").write_text('{"timeline": [[0, "a red circle"], [0, "a blue square"]]}')
+    assert main(["live", "--timeline", str(tmp_path / "t.json"), "--checkpoint", str(ckpt)]) == 2
+    assert "increase" in capsys.readouterr().err
