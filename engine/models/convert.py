@@ -89,7 +89,8 @@ def load_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
 
 SELF_FORCING_SETTINGS = dict(denoising_steps=[1000.0, 750.0, 500.0, 250.0], warp_denoising_steps=True, shift=5.0,
                              num_frame_per_block=3, context_t=0.0, guidance_scale=1.0, text_max_length=512,
-                             height=480, width=832, num_frames=81, fps=16)
+                             height=480, width=832, num_frames=81, fps=16,
+                             rope_positions="absolute")  # as Self-Forcing's KV cache: their outputs with a window
 
 
 def convert(kind: str, ckpt, wan_dir, out, *, settings: dict | None = None) -> Path:
