@@ -109,8 +109,6 @@ class LiveStream:
                  lookahead_blocks: int = 1, pace: bool = True, max_blocks: int | None = None,
                  max_seconds: float | None = None, lock=None, record: bool = True, decode: bool = True,
                  height: int | None = None, width: int | None = None):
-        from .pipeline import StreamChunk  # noqa: F401  (import cycle: pipeline imports this module)
-
         c = engine.config
         if c.local_attn_frames is None:
             raise ValueError("a live stream needs a rolling window (local_attn_frames); the unwindowed path grows "
