@@ -281,6 +281,19 @@ def add_arguments(p) -> None:
                    help="torch threads (default 1: on a shared 2-core CPU, 2 spinning threads are far slower)")
     p.add_argument("--device", default=None, help="cpu | cuda | ... (default: cuda if available)")
     p.add_argument("--json", default=None, help="also write the per-video results to this JSON file")
+    g = p.add_argument_group("long streams (engine/data/long_eval.py; docs/live.md)")
+    g.add_argument("--long-seconds", type=float, default=None, metavar="S",
+                   help="score live streams of S seconds instead: every 33-frame window against its prompt")
+    g.add_argument("--switch-every", type=float, default=None, metavar="K",
+                   help="with --long-seconds: switch the prompt's colour / direction / both every K seconds and "
+                        "score whether the stream follows within 2 blocks (one-object prompts)")
+    g.add_argument("--window", type=int, default=None, metavar="W",
+                   help="with --long-seconds: rolling window in latent frames (default: the live default)")
+    g.add_argument("--sink", type=int, default=None, metavar="N",
+                   help="with --long-seconds: sink frames in the window (default: the live default)")
+    g.add_argument("--reference", action="store_true",
+                   help="with --long-seconds: score procedural renders of the same timelines (the evaluator's "
+                        "ceiling on long streams, bounces included) instead of the model")
 
 
 def run(args) -> int:
@@ -291,6 +304,15 @@ def run(args) -> int:
     import engine
     from engine.atomic import write_text
 
+    if getattr(args, "long_seconds", None) is not None:
+        from .long_eval import run_long
+
+        return run_long(args)
+    long_only = [f for f, v in (("--switch-every", getattr(args, "switch_every", None)),
+                                ("--window", getattr(args, "window", None)), ("--sink", getattr(args, "sink", None)),
+                                ("--reference", getattr(args, "reference", False) or None)) if v is not None]
+    if long_only:
+        raise ValueError(f"{', '.join(long_only)} only apply to long streams: add --long-seconds S (S > 0)")
     if not 0 <= args.limit <= len(EVAL_PROMPTS):
         raise ValueError(f"--limit must be in [0, {len(EVAL_PROMPTS)}], got {args.limit}")
     if not args.seeds:
