@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         return 2
 
     from .serving import Limits, Serving
-    from .ui import build_app
+    from .ui import build_app, launch_kwargs
 
     try:
         limits = Limits.for_engine(engine, max_frames=args.max_frames, max_attack_frames=args.max_attack_frames,
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         demo.launch(server_name=args.host, server_port=args.port, auth=auth, root_path=args.root_path,
-                    show_error=True)
+                    show_error=True, **launch_kwargs(demo))
     finally:
         serving.close()
     return 0

@@ -268,7 +268,7 @@ def attack_stream(serving: Serving, prompt, seed, num_frames, objective, target_
     if stop.is_set():
         yield empty, "**Stopped** before it started.", skip(), skip(), skip(), skip(), skip()
         return
-    while not serving.device_lock.acquire(timeout=0.1):  # released by the worker
+    while not serving.device_lock.acquire(timeout=0.25):  # released by the worker
         if stop.is_set():
             yield empty, "**Stopped** while waiting for the device.", skip(), skip(), skip(), skip(), skip()
             return
@@ -325,6 +325,7 @@ def build_tab(serving: Serving) -> None:
     """The tab's components and events (called inside the Blocks context of ui.build_app)."""
     eng, limits = serving.engine, serving.limits
     from .examples import example_prompts
+    from .ui import server_checked
 
     examples = example_prompts(eng)
     valid = valid_frames(eng, limits.max_attack_frames) or [eng.config.num_frames]
@@ -333,21 +334,22 @@ def build_tab(serving: Serving) -> None:
             prompt = gr.Textbox(label="Prompt", value=examples[0] if examples else "", lines=2,
                                 max_length=limits.max_prompt_chars, elem_id="attack-prompt")
             with gr.Row(equal_height=True):
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
+                seed = server_checked(gr.Number(0, label="Seed", precision=None, scale=4,
+                                                info=f"an integer in [0, {MAX_SEED}]"))
                 seed_btn = gr.Button("Random seed", scale=1, size="sm")
-            frames = gr.Slider(valid[0], valid[-1], value=valid[0], step=(valid[1] - valid[0]) if len(valid) > 1
+            frames = server_checked(gr.Slider(valid[0], valid[-1], value=valid[0], step=(valid[1] - valid[0]) if len(valid) > 1
                                else 1, label="Frames", info="Attacks back-propagate through the whole video: "
-                               f"keep it short (at most {valid[-1]} here)")
+                               f"keep it short (at most {valid[-1]} here)"))
             objective = gr.Radio([(v, k) for k, v in OBJECTIVES.items()], value="untargeted", label="Objective")
             target = gr.ColorPicker("#ff0000", label="Target colour", visible=False)
             with gr.Row():
                 budget = gr.Radio(list(BUDGETS), value="l2", label="Budget",
                                   info="l2: RMS change <= eps; linf: every element changes <= eps; none: unbounded")
-                eps = gr.Number(0.1, label="eps (noise std units)", minimum=0, maximum=limits.max_budget)
+                eps = server_checked(gr.Number(0.1, label=f"eps (noise std units, at most {limits.max_budget:g})"))
             with gr.Row():
-                iterations = gr.Slider(1, limits.max_iterations, value=min(10, limits.max_iterations), step=1,
-                                       label="Iterations")
-                lr = gr.Number(0.05, label="Learning rate", minimum=0, maximum=limits.max_lr)
+                iterations = server_checked(gr.Slider(1, limits.max_iterations, value=min(10, limits.max_iterations),
+                                                      step=1, label="Iterations"))
+                lr = server_checked(gr.Number(0.05, label=f"Learning rate (at most {limits.max_lr:g})"))
             learn = gr.CheckboxGroup(list(LEARNABLE), value=["z0"], label="Learned noise",
                                      info="z0: the initial noise; step: the noise re-injected between steps")
             mode = gr.Radio(list(MODES), value="independent", label="Step-noise mode",
@@ -381,9 +383,12 @@ def build_tab(serving: Serving) -> None:
         """Optimise the sampler noise against an objective; live curve, both videos, statistics and files."""
         session = getattr(request, "session_hash", None)
         flag = serving.stops.take(session, "attack")
+        from .ui import refused_in_status
+
         try:
-            yield from attack_stream(serving, prompt, seed, frames, objective, target_colour, budget, eps,
-                                     iterations, lr, learn, step_noise_mode, optimizer, stop=flag)
+            yield from refused_in_status(attack_stream(
+                serving, prompt, seed, frames, objective, target_colour, budget, eps, iterations, lr, learn,
+                step_noise_mode, optimizer, stop=flag), status_index=1, outputs=7)
         finally:
             serving.stops.release(session, "attack", flag)
 

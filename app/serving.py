@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import html
 import logging
 import math
 import os
@@ -266,6 +267,12 @@ class StopFlags:
 
 # ------------------------------------------------------------------------------------------------ errors
 
+def refusal(message: str, title: str = "Invalid input") -> gr.Error:
+    """A gr.Error for a refused request: its text HTML-escaped (Gradio's pop-ups render HTML, and the message
+    may quote the user's prompt), and no traceback in the server log (Gradio prints one unless told not to)."""
+    return gr.Error(html.escape(message, quote=False), title=title, print_exception=False)
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
         return True
@@ -285,17 +292,19 @@ def user_errors(device=None) -> Iterator[None]:
     except gr.Error:
         raise
     except (ValueError, FileNotFoundError) as e:
-        raise gr.Error(str(e), title="Invalid input") from None
+        log.info("refused: %s", e)  # one line: a refused input is not a server fault
+        raise refusal(str(e)) from None
     except Exception as e:
         if is_out_of_memory(e):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             where = f" on {device}" if device is not None else ""
-            raise gr.Error(f"Out of memory{where}: try fewer frames, a smaller attention window, fewer "
-                           f"denoising steps or (attacks) fewer frames.", title="Out of memory") from None
+            log.warning("out of memory%s", where)
+            raise refusal(f"Out of memory{where}: try fewer frames, a smaller attention window, fewer "
+                          f"denoising steps or (attacks) fewer frames.", title="Out of memory") from None
         log.exception("request failed")
-        raise gr.Error(f"Internal error ({type(e).__name__}: {e}). The server is still running; "
-                       f"please try again or report it.", title="Error") from None
+        raise refusal(f"Internal error ({type(e).__name__}: {e}). The server is still running; "
+                      f"please try again or report it.", title="Error") from None
 
 
 # ------------------------------------------------------------------------------------------------ serving
@@ -382,7 +391,7 @@ class Serving:
     @contextlib.contextmanager
     def device_slot(self, stop: threading.Event | None = None) -> Iterator[bool]:
         """Hold the device for one job. Yields False (without the lock) if `stop` is set while waiting."""
-        while not self.device_lock.acquire(timeout=0.1):
+        while not self.device_lock.acquire(timeout=0.25):
             if stop is not None and stop.is_set():
                 yield False
                 return

@@ -18,7 +18,7 @@ from engine.pipeline import Engine
 from engine.testing import tiny_engine
 
 from .serving import Limits, Serving
-from .ui import build_app
+from .ui import build_app, launch_kwargs
 
 
 class SlowEngine(Engine):
@@ -58,13 +58,13 @@ class RunningApp:
 
 @contextlib.contextmanager
 def running_app(engine: Engine, limits: Limits | None = None, shutdown_timeout: float = 30.0,
-                **launch_kwargs) -> Iterator[RunningApp]:
+                **kwargs) -> Iterator[RunningApp]:
     """Build and launch the app on a free loopback port of this process; close it (and its files) at exit."""
     serving = Serving(engine, limits)
     demo = build_app(serving)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs)
+                **{**launch_kwargs(demo), **kwargs})
     try:
         yield RunningApp(f"http://127.0.0.1:{port}/", serving, demo)
     finally:

@@ -1,7 +1,8 @@
 """The Gradio Blocks app: Generate, Noise attack and Model tabs around one loaded engine.
 
     demo = build_app(Serving(engine))
-    demo.queue(...) is applied here already; launch with demo.launch(...) (see app/__main__.py).
+    demo.queue(...) is applied here already; launch with demo.launch(css=CSS, app_kwargs=...) as
+    app/__main__.py does (launch_kwargs(demo)).
 
 Events that run the model share one concurrency id per device with a limit of 1, so a generation and an attack
 never run at the same time on a device; everything else (random seed, Stop, block-size changes) runs outside
@@ -23,6 +24,50 @@ from .serving import MAX_SEED, SamplerSettings, Serving, fmt_step, valid_frames,
 
 def _session(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None
+
+
+def refused_in_status(updates, status_index: int, outputs: int):
+    """Pass a handler's updates on; if it raises gr.Error, first show the message in the status line (which
+    "Waiting for the device…" would otherwise keep), then re-raise it for the pop-up and API clients."""
+    try:
+        yield from updates
+    except gr.Error as e:
+        update = [gr.skip()] * outputs
+        update[status_index] = f"**{e.title or 'Refused'}** · {e.message}"
+        yield tuple(update)
+        raise
+
+
+def server_checked(component):
+    """Skip Gradio's own range check (and rounding) of a slider or number: its message names no field ("Value -1
+    is less than minimum value 0."), and the handler checks every value with a message that does."""
+    component.preprocess = lambda payload: payload
+    return component
+
+
+def launch_kwargs(demo: gr.Blocks) -> dict:
+    """What demo.launch needs besides host and port: the page styles and the live page's routes."""
+    return dict(css=CSS, app_kwargs={"routes": list(getattr(demo, "live_routes", []))})
+
+
+def quiet_queue(demo: gr.Blocks, poll_seconds: float = 0.02, progress_seconds: float = 0.1) -> None:
+    """Slow down the idle polling of Gradio's queue: it checks for new events every 1 ms and for progress every
+    10 ms (about 1,100 wake-ups a second, 6-7% of a core on an idle server). 20 ms delays the start of a queued
+    event by at most 20 ms; the app reports progress through its own status updates, not gr.Progress."""
+    q = demo._queue
+    if hasattr(q, "sleep_when_free"):
+        q.sleep_when_free = max(q.sleep_when_free, poll_seconds)
+    if hasattr(q, "progress_update_sleep_when_free"):
+        q.progress_update_sleep_when_free = max(q.progress_update_sleep_when_free, progress_seconds)
+
+
+# Page styles (pass to launch: demo.launch(css=CSS)): pixel-sharp upscaling of the small videos; room for the
+# queue position Gradio shows in the status line's progress overlay.
+CSS = """
+video, canvas, #video video, .live-canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+#status, #attack-status { min-height: 3.5em; overflow: visible; }
+#status .wrap, #attack-status .wrap { position: static; min-height: 2.5em; }
+"""
 
 
 def _frames_slider_update(serving: Serving, block_size, frames):
@@ -53,8 +98,9 @@ def _frames_slider(serving: Serving, label: str, limit: int, elem_id: str | None
     valid = valid_frames(eng, limit) or [eng.config.num_frames]
     default = eng.config.num_frames if eng.config.num_frames in valid else valid[-1]
     step = valid[1] - valid[0] if len(valid) > 1 else 1
-    return gr.Slider(valid[0], valid[-1], value=default, step=step, label=label,
-                     info=f"{eng.config.fps} frames per second; at most {valid[-1]} on this server", elem_id=elem_id)
+    return server_checked(gr.Slider(valid[0], valid[-1], value=default, step=step, label=label,
+                                    info=f"{eng.config.fps} frames per second; at most {valid[-1]} on this server",
+                                    elem_id=elem_id))
 
 
 def build_app(serving: Serving, *, title: str = "Self-Forcing streaming video") -> gr.Blocks:
@@ -79,21 +125,25 @@ def build_app(serving: Serving, *, title: str = "Self-Forcing streaming video") 
                                             info=("Words the model knows: " + ", ".join(words)) if words else None)
                         frames = _frames_slider(serving, "Frames", limits.max_frames, elem_id="frames")
                         with gr.Row(equal_height=True):
-                            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
+                            seed = server_checked(gr.Number(0, label="Seed", precision=None, scale=4, elem_id="seed",
+                                             info=f"an integer in [0, {MAX_SEED}]"))
                             seed_btn = gr.Button("Random seed", scale=1, size="sm")
                         with gr.Accordion("Advanced settings", open=False):
                             step_choices = [fmt_step(t) for t in cfg.denoising_steps]
                             steps = gr.CheckboxGroup(step_choices, value=step_choices, label="Denoising steps",
                                                      info="The few-step list; the first step must stay selected. "
                                                           "Fewer steps: faster, blurrier.")
-                            block = gr.Slider(1, limits.max_block_size, value=cfg.num_frame_per_block, step=1,
-                                              label="Block size (latent frames denoised together)")
+                            block = server_checked(gr.Slider(
+                                1, limits.max_block_size, value=cfg.num_frame_per_block, step=1,
+                                label="Block size (latent frames denoised together)"))
                             with gr.Row():
-                                window = gr.Number(cfg.local_attn_frames or 0, precision=0, minimum=0,
-                                                   maximum=limits.max_window,
-                                                   label="Attention window (latent frames, 0 = whole video)")
-                                sink = gr.Number(cfg.sink_frames, precision=0, minimum=0, maximum=limits.max_window,
-                                                 label="Sink frames (kept in the window)")
+                                # No minimum / maximum / precision on the numbers: Gradio's own checks would
+                                # round (1.5 -> 2) or refuse without naming the field; the handler checks.
+                                window = server_checked(gr.Number(
+                                    cfg.local_attn_frames or 0, precision=None,
+                                    label="Attention window (latent frames, 0 = whole video)"))
+                                sink = server_checked(gr.Number(cfg.sink_frames, precision=None,
+                                                                label="Sink frames (kept in the window)"))
                         with gr.Row():
                             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -115,8 +165,9 @@ def build_app(serving: Serving, *, title: str = "Self-Forcing streaming video") 
                     session = _session(request)
                     stop = serving.stops.take(session, "generate")
                     try:
-                        yield from generate_stream(serving, prompt, frames, seed, steps, block_size,
-                                                   attention_window, sink_frames, stop=stop)
+                        yield from refused_in_status(generate_stream(
+                            serving, prompt, frames, seed, steps, block_size, attention_window, sink_frames,
+                            stop=stop), status_index=1, outputs=3)
                     finally:
                         serving.stops.release(session, "generate", stop)
 
@@ -154,6 +205,7 @@ def build_app(serving: Serving, *, title: str = "Self-Forcing streaming video") 
                     gr.Gallery(codebook[1], label="Codebook analysis", columns=2, height="auto")
 
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
+    quiet_queue(demo)
     return demo
 
 

@@ -118,6 +118,14 @@ def test_advanced_settings_apply_per_request_only(serving, engine):
     before = (list(engine.config.denoising_steps), engine.config.num_frame_per_block, engine.schedule)
     *_, (_, status, video) = drive(run(serving, frames=29, steps=["1000", "500"], block=2, window=6, sink=2))
     assert video.shape[0] == 29 and "block 4 of 4" in status
+    # the video is the one these settings make (the engine's own with_settings, not the app's), and not the
+    # default schedule's: dropping any of the four settings changes it
+    ref = engine.with_settings(denoising_steps=[1000.0, 500.0], num_frame_per_block=2, local_attn_frames=6,
+                               sink_frames=2).generate(PROMPT, num_frames=29, seed=0).frames
+    assert np.array_equal(video, decode_frames(encode_mp4(ref, 16)))
+    default_steps = engine.with_settings(num_frame_per_block=2, local_attn_frames=6,
+                                         sink_frames=2).generate(PROMPT, num_frames=29, seed=0).frames
+    assert not np.array_equal(ref, default_steps)
     assert (list(engine.config.denoising_steps), engine.config.num_frame_per_block, engine.schedule) == before
     custom = with_settings(engine, parse_and_settings(engine))
     assert custom.transformer is engine.transformer and custom.config is not engine.config
@@ -126,6 +134,33 @@ def test_advanced_settings_apply_per_request_only(serving, engine):
 def parse_and_settings(engine):
     from app.serving import sampler_settings
     return sampler_settings(engine, Limits(), ["1000", "250"], 1, 0, 0)
+
+
+def test_refused_input_escapes_html_and_logs_one_line(serving, capfd, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="app")
+    with pytest.raises(gr.Error) as info:
+        next(run(serving, prompt="a <b>dragon</b> & co"))
+    assert "<b>" not in info.value.message and "&lt;b&gt;" in info.value.message
+    assert info.value.print_exception is False  # Gradio prints no traceback for it
+    assert any("refused" in r.getMessage() for r in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_refused_request_replaces_the_waiting_status():
+    from app.ui import refused_in_status
+
+    def handler():
+        yield "a", "Generating", "b"
+        raise gr.Error("seed must be an integer", title="Invalid input")
+
+    gen = refused_in_status(handler(), status_index=1, outputs=3)
+    assert next(gen) == ("a", "Generating", "b")
+    update = next(gen)
+    assert update[1] == "**Invalid input** · seed must be an integer"
+    with pytest.raises(gr.Error):
+        next(gen)
 
 
 def test_steps_and_frames_parsing(engine):
@@ -305,6 +340,28 @@ def app(engine):
 @pytest.fixture(scope="module")
 def client(app):
     return Client(app.url, verbose=False, download_files=False)
+
+
+def test_gradio_does_not_preempt_the_server_checks(client):
+    """Gradio's own range check and rounding are off on numbers and sliders: a seed of 1.5 is refused (not
+    rounded to 2), and out-of-range values get the handler's message, which names the field and the range."""
+    from gradio_client.exceptions import AppError
+
+    for args, message in [((PROMPT, 9, 1.5), "seed must be an integer"), ((PROMPT, 9, -1), r"seed must be in \[0, "),
+                          ((PROMPT, -9, 0), r"frames must be in \[1, ")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, STEPS, 3, 0, 0, api_name="/generate")
+    with pytest.raises(AppError, match=r"block size \(latent frames\) must be in \[1, "):
+        client.predict(PROMPT, 9, 0, STEPS, 0, 0, 0, api_name="/generate")
+
+
+def test_idle_queue_polls_slowly_and_page_styles(app):
+    import httpx
+
+    q = app.demo._queue
+    assert q.sleep_when_free >= 0.02 and q.progress_update_sleep_when_free >= 0.1
+    config = httpx.get(app.url + "config").json()
+    assert "image-rendering: pixelated" in (config.get("css") or "")
 
 
 def test_api_names(client):
