@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from ..live import block_at_seconds, block_start_frame
 from .evaluate import EVAL_PROMPTS, evaluate_video, mean_and_se
 from .shapes import COLORS, DIRECTIONS, ShapesConfig, parse_prompt, render, spec_from_prompt
 
@@ -40,24 +41,13 @@ METRICS = ("color", "shape", "direction", "correct")
 
 
 # ------------------------------------------------------------------------------------------- stream geometry
-
-def block_start_frame(block: int, num_frame_per_block: int, temporal: int = 4) -> int:
-    """First video frame of `block`: block 0 decodes to 1 + t (k - 1) frames, every later block to t k."""
-    return 0 if block == 0 else 1 + temporal * (num_frame_per_block * block - 1)
+# block_start_frame / block_at_seconds: engine.live's (one definition of where blocks start)
 
 
 def num_blocks_for(num_frames: int, num_frame_per_block: int, temporal: int = 4) -> int:
     """The fewest blocks whose video has at least num_frames frames (>= 1 block)."""
     b = 1
     while block_start_frame(b, num_frame_per_block, temporal) < num_frames:
-        b += 1
-    return b
-
-
-def block_at_seconds(seconds: float, fps: int, num_frame_per_block: int, temporal: int = 4) -> int:
-    """The first block whose first frame is shown at or after `seconds` (frame f is shown at f / fps)."""
-    b = 0
-    while block_start_frame(b, num_frame_per_block, temporal) < seconds * fps - 1e-9:
         b += 1
     return b
 
