@@ -144,6 +144,7 @@ class LiveStream:
         self._pending: dict[int, tuple[str, Conditioning]] = {b: (p, self._conditioning(p)) for b, p in timeline[1:]}
         self.timeline: list[tuple[int, str]] = [(0, first)]
         self._switch_lock = threading.Lock()
+        self._unstarted = 0
 
         self.caches = engine._caches(self._cond, self._frame_shape, differentiable=False)
         self._max_ctx, self._sinks = self.caches[0].max_frames, self.caches[0].sink_frames
@@ -186,7 +187,7 @@ class LiveStream:
             raise ValueError("the stream is closed")
         cond = self._conditioning(text)  # validates before anything changes
         with self._switch_lock:
-            now = self.block
+            now = self._unstarted  # the first block whose prompt is not fixed yet (a block may be computing)
             if at_block is None:
                 at_block = now
             elif isinstance(at_block, bool) or not isinstance(at_block, (int, np.integer)):
@@ -200,6 +201,7 @@ class LiveStream:
     def _apply_switch(self, b: int) -> None:
         with self._switch_lock:
             switch = self._pending.pop(b, None)
+            self._unstarted = b + 1
         if switch is None:
             return
         prompt, cond = switch
