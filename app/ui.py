@@ -17,7 +17,6 @@ import random
 import gradio as gr
 
 from . import attack as attack_tab
-from . import live as live_tab
 from .examples import example_prompts, model_card, summary_json, vocabulary
 from .generate import generate_stream
 from .serving import MAX_SEED, SamplerSettings, Serving, fmt_step, valid_frames, with_settings
@@ -188,10 +187,6 @@ def build_app(serving: Serving, *, title: str = "Self-Forcing streaming video") 
                                api_visibility="private")
                 block.change(lambda b, f: _frames_slider_update(serving, b, f), [block, frames], frames,
                              queue=False, api_visibility="private")
-
-            # ------------------------------------------------------------------------------- Live
-            with gr.Tab("Live", id="live"):
-                live_tab.build_tab(serving, demo)
 
             # ------------------------------------------------------------------------------- Noise attack
             with gr.Tab("Noise attack", id="attack"):
