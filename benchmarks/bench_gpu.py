@@ -129,6 +129,11 @@ def bench_backend(eng, emb, noise, device, backend, args, t0) -> dict:
 
 
 def main(argv=None) -> dict:
+    with torch.no_grad():  # a context, not the global switch: the CPU test calls main() inside pytest
+        return _main(argv)
+
+
+def _main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random config on the CPU (CI)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -148,7 +153,6 @@ def main(argv=None) -> dict:
     args.frames = args.frames or (9 if args.tiny else 81)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
-    torch.set_grad_enabled(False)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     eng, emb = build(args, device, args.dtype)

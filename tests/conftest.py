@@ -8,3 +8,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """A test (or the code it calls) that switches autograd off globally breaks every later test that trains:
+    fail the culprit, not its victims."""
+    yield
+    assert torch.is_grad_enabled(), "this test left torch.set_grad_enabled(False) behind"
