@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iterations", type=int, default=None, help="most attack iterations")
     p.add_argument("--max-prompt-chars", type=int, default=None)
     p.add_argument("--queue-size", type=int, default=None, help="waiting requests before new ones are refused")
+    p.add_argument("--max-live-streams", type=int, default=None,
+                   help="live streams at once (default 2); later viewers wait in line")
+    p.add_argument("--live-seconds", type=float, default=None,
+                   help="server-side limit of one live stream, in seconds of video (default 600)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is often fastest for small models "
                         "on a shared CPU)")
@@ -104,13 +108,17 @@ def main(argv=None) -> int:
     try:
         limits = Limits.for_engine(engine, max_frames=args.max_frames, max_attack_frames=args.max_attack_frames,
                                    max_iterations=args.max_iterations, max_prompt_chars=args.max_prompt_chars,
-                                   queue_size=args.queue_size)
+                                   queue_size=args.queue_size, max_live_streams=args.max_live_streams,
+                                   live_seconds=args.live_seconds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     serving = Serving(engine, limits)
     demo = build_app(serving)
     log.info("checkpoint %s on %s; temporary files in %s", checkpoint, serving.device, serving.workdir)
+    from .live import warm_up
+
+    log.info("warmed up in %.1f s (one block of a live stream)", warm_up(serving))
     # `docker stop` and service managers send SIGTERM: leave through the finally below, which removes the
     # temporary files, instead of dying on the spot.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

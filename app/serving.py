@@ -59,6 +59,8 @@ class Limits:
     max_lr: float = 10.0
     queue_size: int = 8  # waiting events (all users); beyond it requests are refused
     min_chunk_seconds: float = 1.0  # streamed chunks last at least this long (the last one may be shorter)
+    max_live_streams: int = 2  # live streams running at once; later ones wait in line with their position shown
+    live_seconds: float = 600.0  # server-side limit of one live stream, in seconds of video
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -17,6 +17,7 @@ import random
 import gradio as gr
 
 from . import attack as attack_tab
+from . import live as live_tab
 from .examples import example_prompts, model_card, summary_json, vocabulary
 from .generate import generate_stream
 from .serving import MAX_SEED, SamplerSettings, Serving, fmt_step, valid_frames, with_settings
@@ -64,10 +65,10 @@ def quiet_queue(demo: gr.Blocks, poll_seconds: float = 0.02, progress_seconds: f
 # Page styles (pass to launch: demo.launch(css=CSS)): pixel-sharp upscaling of the small videos; room for the
 # queue position Gradio shows in the status line's progress overlay.
 CSS = """
-video, canvas, #video video, .live-canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+video, canvas, #video video, .live-canvas { image-rendering: crisp-edges; image-rendering: pixelated; }
 #status, #attack-status { min-height: 3.5em; overflow: visible; }
 #status .wrap, #attack-status .wrap { position: static; min-height: 2.5em; }
-"""
+""" + live_tab.LIVE_CSS
 
 
 def _frames_slider_update(serving: Serving, block_size, frames):
@@ -187,6 +188,10 @@ def build_app(serving: Serving, *, title: str = "Self-Forcing streaming video") 
                                api_visibility="private")
                 block.change(lambda b, f: _frames_slider_update(serving, b, f), [block, frames], frames,
                              queue=False, api_visibility="private")
+
+            # ------------------------------------------------------------------------------- Live
+            with gr.Tab("Live", id="live"):
+                live_tab.build_tab(serving, demo)
 
             # ------------------------------------------------------------------------------- Noise attack
             with gr.Tab("Noise attack", id="attack"):

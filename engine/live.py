@@ -108,7 +108,7 @@ class LiveStream:
     def __init__(self, engine, prompt: str | None = None, *, seed: int = 0, timeline=None, recache: bool = True,
                  lookahead_blocks: int = 1, pace: bool = True, max_blocks: int | None = None,
                  max_seconds: float | None = None, lock=None, record: bool = True, decode: bool = True,
-                 height: int | None = None, width: int | None = None):
+                 height: int | None = None, width: int | None = None, on_frames=None):
         c = engine.config
         if c.local_attn_frames is None:
             raise ValueError("a live stream needs a rolling window (local_attn_frames); the unwindowed path grows "
@@ -128,6 +128,8 @@ class LiveStream:
         self.recache, self.lookahead_blocks, self.pace = bool(recache), lookahead_blocks, pace
         self.max_blocks, self.max_seconds = max_blocks, max_seconds
         self._lock = lock
+        self.on_frames = on_frames  # called (block, uint8 frames (T, H, W, 3)) as each latent frame is decoded
+        self._record_lock = threading.Lock()
         k = c.num_frame_per_block
         shape = engine.latent_shape(1 + temporal_compression(engine.vae) * (k - 1), height, width)
         self._frame_shape = (shape[0], shape[1], 1, *shape[3:])
@@ -257,11 +259,17 @@ class LiveStream:
                 t1 = time.perf_counter()
                 frames = None
                 if self.decoder is not None:
-                    video = self.decoder.decode(x0)  # (B, 3, T, H, W) in [-1, 1]
-                    frames = to_uint8((video[0].permute(1, 2, 3, 0).float() + 1) / 2)  # (T, H, W, 3)
+                    parts = []
+                    for i in range(x0.shape[2]):  # latent frame by latent frame: the first video frame comes early
+                        video = self.decoder.decode(x0[:, :, i:i + 1])  # (B, 3, T, H, W) in [-1, 1]
+                        parts.append(to_uint8((video[0].permute(1, 2, 3, 0).float() + 1) / 2))  # (T, H, W, 3)
+                        if self.on_frames is not None:
+                            self.on_frames(self.block, parts[-1])
+                    frames = np.concatenate(parts)
             seconds_decode = time.perf_counter() - t1
-            if self.recorder is not None and frames is not None:
-                self.recorder.add(frames)
+            with self._record_lock:  # close() may come from another thread meanwhile
+                if self.recorder is not None and frames is not None and not self.recorder.closed:
+                    self.recorder.add(frames)
         except BaseException as e:
             self.error = e
             self.close()
@@ -357,7 +365,8 @@ class LiveStream:
         self.closed = True
         self._wake.set()
         if self.recorder is not None:
-            self.recorder.close()
+            with self._record_lock:
+                self.recorder.close()
 
     def __enter__(self):
         return self

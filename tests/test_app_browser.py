@@ -114,3 +114,61 @@ def test_video_plays_while_it_is_generated_and_stops(browser, tmp_path):
         link = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#download a")))
         assert link.get_attribute("href")
         screenshot(browser, tmp_path, "app-stopped.png")
+
+
+LIVE_JS_STATE = """
+const c = document.querySelector('#live canvas');
+const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let lit = 0; for (let i = 0; i < px.length; i += 4) lit += (px[i] + px[i + 1] + px[i + 2]) > 30;
+const a = document.querySelector('#live .live-mp4');
+return {status: document.querySelector('#live .live-status').innerText,
+        note: document.querySelector('#live .live-note').innerText, lit: lit, stats: window.liveStats,
+        mp4: a ? a.href : null, sharp: getComputedStyle(c).imageRendering};
+"""
+
+
+def test_live_page_paints_frames_switches_prompt_stops_and_records(browser, tmp_path):
+    """The Live tab: Start paints frames on the canvas as they are decoded, Enter applies a new prompt while it
+    runs, the status shows block, fps, real-time factor and prompt, Stop ends it and offers the recording."""
+    import httpx
+    from selenium.webdriver.common.keys import Keys
+
+    with running_app(tiny_app_engine()) as app:
+        browser.get(app.url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "button[role=tab][id$='live-button'], "
+                                                                 "button[role=tab]")))
+        tab = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Live")
+        tab.click()
+        start = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#live .live-start")))
+        prompt = browser.find_element(By.CSS_SELECTOR, "#live .live-prompt")
+        prompt.clear()
+        prompt.send_keys("a red circle moving left")
+        start.click()
+        wait.until(lambda d: d.execute_script(LIVE_JS_STATE)["stats"]["painted"] >= 20)
+        state = browser.execute_script(LIVE_JS_STATE)
+        assert state["lit"] > 0 and state["sharp"] == "pixelated", state  # frames drawn, upscaled pixel-sharp
+        assert "Live · block" in state["status"] and "frames/s generated" in state["status"], state
+        assert "x real time" in state["status"] and "prompt: a red circle moving left" in state["status"], state
+        screenshot(browser, tmp_path, "app-live.png")
+
+        prompt.clear()
+        prompt.send_keys("a blue square moving up", Keys.ENTER)  # the field stays editable while it runs
+        wait.until(lambda d: "prompt: a blue square moving up" in d.execute_script(LIVE_JS_STATE)["status"])
+        assert "New prompt from block" in browser.execute_script(LIVE_JS_STATE)["note"]
+        prompt.clear()
+        prompt.send_keys("a purple dragon", Keys.ENTER)
+        wait.until(lambda d: "Refused" in d.execute_script(LIVE_JS_STATE)["note"])
+        assert "dragon" in browser.execute_script(LIVE_JS_STATE)["note"]
+
+        browser.find_element(By.CSS_SELECTOR, "#live .live-stop").click()
+        wait.until(lambda d: d.execute_script(LIVE_JS_STATE)["status"].startswith("Stopped"))
+        state = wait.until(lambda d: d.execute_script(LIVE_JS_STATE)["mp4"] and d.execute_script(LIVE_JS_STATE))
+        screenshot(browser, tmp_path, "app-live-stopped.png")
+        mp4 = httpx.get(state["mp4"])
+        assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"
+        timeline = httpx.get(state["mp4"][:-4] + ".json").json()["timeline"]
+        assert [p for _, p in timeline] == ["a red circle moving left", "a blue square moving up"]
+        painted = state["stats"]["painted"]
+        time.sleep(1.0)
+        assert browser.execute_script(LIVE_JS_STATE)["stats"]["painted"] == painted  # Stop stops the picture at once

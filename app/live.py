@@ -1,0 +1,464 @@
+"""The Live tab: an open-ended stream pushed to the browser frame by frame over a WebSocket on Gradio's server.
+
+Gradio's streaming gr.Video plays HLS chunks of >= 1 s, so its first frame shows about a second after the click.
+Here every decoded latent frame goes out at once as raw RGB bytes (64x64x3 bytes a video frame), and a few lines
+of JS draw the frames on a pixel-sharp <canvas>, paced by requestAnimationFrame at the video's fps. The page opens
+its WebSocket when it loads, so a click costs no connection set-up.
+
+Protocol on /live/ws (JSON text from the client; JSON text and binary from the server):
+
+    client: {"type": "start", "prompt", "seed"} | {"type": "prompt", "text"} | {"type": "stop"} | {"type": "save"}
+    server: {"type": "ready", "fps", "height", "width", "max_seconds"}   once, when the socket opens
+            {"type": "queued", "position": n}    while every live slot is taken (admission control)
+            {"type": "frames", "block", "n", "height", "width", "prompt"} then one binary message of
+                n x height x width x 3 bytes (uint8 RGB), as soon as a latent frame is decoded
+            {"type": "block", "block", "stats"}  after each block: fps, real-time factor, latency
+            {"type": "prompt_ok", "block", "prompt"} | {"type": "error", "message"} (refused; the stream goes on)
+            {"type": "saved", "mp4", "json"} | {"type": "end", "reason"}   reason: stopped, limit, error
+
+Live streams share the device per block through a FIFO lock (a bare threading.Lock lets one thread take it again
+and again), so N streams get 1/N of it each, round-robin. At most Limits.max_live_streams run at once; the others
+wait, shown their position. A closed tab ends its stream after the block being computed (the receive loop sees
+the disconnect and closes the LiveStream, which also ends its pacing wait at once). Generate and Attack jobs use
+the device lock of serving.py and run beside live streams, not between their blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import shutil
+import threading
+import uuid
+
+from .serving import InputError, Serving, check_prompt, check_seed
+
+log = logging.getLogger("app")
+
+
+class FairLock:
+    """A FIFO lock: threads get it in the order they asked (each block of each stream waits its turn)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._held = False
+
+    def __enter__(self):
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._held or self._queue[0] is not me:
+                self._cond.wait()
+            self._queue.popleft()
+            self._held = True
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
+class LiveHub:
+    """Admission control and the shared per-block lock of all live streams of one server."""
+
+    def __init__(self, serving: Serving):
+        self.serving = serving
+        self.lock = FairLock()
+        self.running = 0
+        self.waiting: list[object] = []
+        self.saved: dict[str, object] = {}  # stream id -> its run directory (live.mp4, live.json)
+        self._cond: asyncio.Condition | None = None  # made on the server's event loop
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def admit(self, ticket, on_position) -> None:
+        """Wait for a live slot (FIFO); on_position(n) is awaited whenever the waiting position changes."""
+        cond, shown = self._condition(), None
+        async with cond:
+            self.waiting.append(ticket)
+            try:
+                while self.running >= self.serving.limits.max_live_streams or self.waiting[0] is not ticket:
+                    pos = self.waiting.index(ticket) + 1
+                    if pos != shown:
+                        await on_position(pos)
+                        shown = pos
+                    await cond.wait()
+            finally:
+                self.waiting.remove(ticket)
+                cond.notify_all()
+            self.running += 1
+
+    async def leave(self) -> None:
+        cond = self._condition()
+        async with cond:
+            self.running -= 1
+            cond.notify_all()
+
+
+def check_start(serving: Serving, msg: dict) -> tuple[str, int]:
+    if not isinstance(msg, dict) or msg.get("type") != "start":
+        raise InputError("send {'type': 'start', 'prompt': ..., 'seed': ...} to start a stream")
+    prompt = check_prompt(msg.get("prompt"), serving.limits)
+    seed = check_seed(msg.get("seed", 0))
+    tok = serving.engine.tokenizer
+    if tok is not None:
+        from engine.models.text import check_prompts
+
+        check_prompts(tok, [prompt])
+    return prompt, seed
+
+
+def _authorised(conn) -> bool:
+    """The app's login (demo.launch(auth=...)) covers the live routes too: Gradio's access-token cookie."""
+    app = conn.scope.get("app")
+    if getattr(app, "auth", None) is None and getattr(app, "auth_dependency", None) is None:
+        return True
+    cid = getattr(app, "cookie_id", "")
+    token = conn.cookies.get(f"access-token-{cid}") or conn.cookies.get(f"access-token-unsecure-{cid}")
+    return token in getattr(app, "tokens", {})
+
+
+def routes(serving: Serving, hub: LiveHub):
+    """The Starlette routes of the live page: the WebSocket and the recording's downloads."""
+    from starlette.responses import FileResponse, PlainTextResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocketDisconnect
+
+    async def ws_endpoint(ws):
+        if not _authorised(ws):
+            await ws.close(code=4401)
+            return
+        await ws.accept()
+        cfg = serving.engine.config
+        await ws.send_text(json.dumps({"type": "ready", "fps": int(cfg.fps), "height": cfg.height,
+                                       "width": cfg.width, "max_seconds": serving.limits.live_seconds}))
+        mine: list[str] = []  # this socket's recordings: downloadable while the page is open, removed after
+        try:
+            while True:  # one stream at a time per socket; the page reuses its socket for the next Start
+                try:
+                    msg = json.loads(await ws.receive_text())
+                    prompt, seed = check_start(serving, msg)
+                except (InputError, ValueError) as e:  # JSONDecodeError is a ValueError
+                    await ws.send_text(json.dumps({"type": "error", "message": str(e), "fatal": True}))
+                    continue
+                if not await _wait_for_slot(hub, ws):
+                    continue
+                try:
+                    if await _stream(serving, hub, ws, prompt, seed, mine) == "disconnected":
+                        return
+                finally:
+                    await hub.leave()
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        finally:
+            for sid in mine:
+                shutil.rmtree(hub.saved.pop(sid), ignore_errors=True)
+
+    async def download(request):
+        run = hub.saved.get(request.path_params["id"])
+        ext = request.path_params["ext"]
+        if run is None or ext not in ("mp4", "json") or not _authorised(request):
+            return PlainTextResponse("not found", status_code=404)
+        path = run / f"live.{ext}"
+        if not path.exists():
+            return PlainTextResponse("not found", status_code=404)
+        return FileResponse(path, filename=f"live-{request.path_params['id']}.{ext}")
+
+    return [WebSocketRoute("/live/ws", ws_endpoint), Route("/live/download/{id}.{ext}", download)]
+
+
+async def _wait_for_slot(hub: LiveHub, ws) -> bool:
+    """Admission: wait in line for a live slot, showing the position; Stop (or a closed tab) leaves the line."""
+    admit = asyncio.create_task(
+        hub.admit(object(), lambda n: ws.send_text(json.dumps({"type": "queued", "position": n}))))
+    while not admit.done():
+        recv = asyncio.create_task(ws.receive_text())
+        done, _ = await asyncio.wait({admit, recv}, return_when=asyncio.FIRST_COMPLETED)
+        if recv not in done:
+            recv.cancel()
+            break
+        exc = recv.exception()
+        try:
+            msg = None if exc is not None else json.loads(recv.result())
+        except ValueError:
+            msg = None
+        if exc is not None or (isinstance(msg, dict) and msg.get("type") == "stop"):
+            admit.cancel()
+            try:
+                await admit
+                await hub.leave()  # admitted in the same instant: give the slot back
+            except asyncio.CancelledError:
+                pass
+            if exc is not None:
+                raise exc
+            await ws.send_text(json.dumps({"type": "end", "reason": "stopped"}))
+            return False
+    await admit
+    return True
+
+
+async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, mine: list[str]) -> str:
+    """Run one live stream on this socket until Stop, the server's limit, an error or a disconnect; returns why."""
+    from starlette.websockets import WebSocketDisconnect
+
+    limits, loop = serving.limits, asyncio.get_running_loop()
+    outbox: asyncio.Queue = asyncio.Queue()  # what the generating thread hands to this loop, in order
+
+    def on_frames(block, frames):  # in the generating thread, during block `block`: hand over, never block it
+        loop.call_soon_threadsafe(outbox.put_nowait, ("frames", block, frames, live.prompt))
+
+    live = serving.engine.live(prompt, seed=seed, lookahead_blocks=1, pace=True, lock=hub.lock,
+                               max_seconds=limits.live_seconds, record=True, on_frames=on_frames)
+    sid = uuid.uuid4().hex[:12]
+    run = serving.runs_dir / f"live-{sid}"
+    run.mkdir(parents=True, exist_ok=True)
+    hub.saved[sid] = run
+    mine.append(sid)
+    reason = ["limit"]
+
+    async def save():
+        await asyncio.to_thread(live.save, run / "live.mp4")
+        await ws.send_text(json.dumps({"type": "saved", "mp4": f"live/download/{sid}.mp4",
+                                       "json": f"live/download/{sid}.json"}))
+
+    async def receive():
+        try:
+            while True:
+                msg = json.loads(await ws.receive_text())
+                kind = msg.get("type") if isinstance(msg, dict) else None
+                if kind == "prompt":
+                    try:
+                        text = check_prompt(msg.get("text"), limits)
+                        block = live.set_prompt(text)  # validated first; takes effect at the next unstarted block
+                        await ws.send_text(json.dumps({"type": "prompt_ok", "block": block, "prompt": text}))
+                    except ValueError as e:
+                        await ws.send_text(json.dumps({"type": "error", "message": str(e)}))
+                elif kind == "stop":
+                    reason[0] = "stopped"
+                    live.close()
+                    return
+                elif kind == "save":
+                    if live.recorder.num_frames:
+                        await save()
+                else:
+                    await ws.send_text(json.dumps({"type": "error", "message": f"unknown message {msg!r:.80}"}))
+        except (WebSocketDisconnect, RuntimeError, ValueError):
+            reason[0] = "disconnected"
+            live.close()  # the stream ends after its current block
+            outbox.put_nowait(None)
+
+    async def generate():
+        it = iter(live)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, it, None)
+                if chunk is None:
+                    break
+                s = live.stats
+                outbox.put_nowait(("block", chunk.block, {
+                    "fps": s["fps"], "realtime_factor": s["realtime_factor"], "block_p50": s["block_p50"],
+                    "seconds_video": s["seconds_video"], "recaches": s["recaches"]}))
+        except Exception as e:  # the engine failed: say so, keep the recording
+            log.error("live stream %s failed: %s", sid, e)
+            reason[0] = "error"
+            outbox.put_nowait(("error", str(e)))
+        finally:
+            live.close()
+            outbox.put_nowait(None)
+
+    receiver = asyncio.create_task(receive())
+    generator = asyncio.create_task(generate())
+    try:
+        while True:
+            item = await outbox.get()
+            if item is None:
+                break
+            if item[0] == "frames":
+                _, block, frames, shown_prompt = item
+                await ws.send_text(json.dumps({"type": "frames", "block": block, "n": int(frames.shape[0]),
+                                               "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+                                               "prompt": shown_prompt}))
+                await ws.send_bytes(frames.tobytes())
+            elif item[0] == "block":
+                await ws.send_text(json.dumps({"type": "block", "block": item[1], "stats": item[2]}))
+            else:
+                await ws.send_text(json.dumps({"type": "error", "message": item[1]}))
+    except (WebSocketDisconnect, RuntimeError):
+        reason[0] = "disconnected"
+    finally:
+        live.close()
+        await generator  # the block in flight finishes (at most one block), then the slot is free
+        receiver.cancel()
+    if reason[0] == "disconnected":
+        if live.recorder.num_frames:
+            await asyncio.to_thread(live.save, run / "live.mp4")
+        return reason[0]
+    if live.recorder.num_frames:
+        await save()
+    await ws.send_text(json.dumps({"type": "end", "reason": reason[0]}))
+    return reason[0]
+
+
+LIVE_JS = r"""
+const $ = (s) => element.querySelector(s);
+const canvas = $('canvas'), ctx = canvas.getContext('2d'), status = $('.live-status');
+let ws = null, running = false, pending = null, queue = [], fps = 16, clock = null, meta = null, info = {};
+window.liveStats = {ready: false, click: null, firstPaint: null, painted: 0, stalls: 0, gaps: []};
+function show() {
+  const s = info.stats || {};
+  status.textContent = (info.state || 'Ready.') + (info.block !== undefined ? ` · block ${info.block}` : '') +
+    (s.fps ? ` · ${s.fps.toFixed(1)} frames/s generated · ${s.realtime_factor.toFixed(2)}x real time` : '') +
+    (info.prompt ? ` · prompt: ${info.prompt}` : '');
+  $('.live-note').textContent = info.note || '';
+}
+function draw(t) {
+  // one frame per 1/fps; a frame that arrives late starts a new clock (counted as a stall), never a burst
+  if (queue.length && (clock === null || t >= clock)) {
+    const [img, p, b] = queue.shift(); ctx.putImageData(img, 0, 0);
+    const L = window.liveStats; L.painted += 1;
+    if (L.firstPaint === null) L.firstPaint = performance.now();
+    if (clock !== null && t - clock > 1000 / fps) { L.stalls += 1; L.gaps.push(t - clock); }
+    clock = (clock === null || t - clock > 1000 / fps) ? t + 1000 / fps : clock + 1000 / fps;
+    if (p !== info.prompt || b !== info.block) { info.prompt = p; info.block = b; show(); }
+  }
+  if (running || queue.length) requestAnimationFrame(draw);
+}
+function connect() {
+  const url = new URL('live/ws', document.baseURI); url.protocol = url.protocol.replace('http', 'ws');
+  ws = new WebSocket(url); ws.binaryType = 'arraybuffer';
+  ws.onopen = () => { if (pending) { ws.send(pending); pending = null; } };
+  ws.onmessage = (ev) => {
+    if (typeof ev.data !== 'string') {
+      if (!running) return;  // the tail of a stopped stream: not shown (it is in the recording)
+      const n = meta.height * meta.width, src = new Uint8Array(ev.data);
+      for (let f = 0; f < meta.n; f++) {
+        const img = ctx.createImageData(meta.width, meta.height), d = img.data;
+        for (let i = 0, j = f * n * 3; i < 4 * n; i += 4, j += 3) {
+          d[i] = src[j]; d[i + 1] = src[j + 1]; d[i + 2] = src[j + 2]; d[i + 3] = 255; }
+        queue.push([img, meta.prompt, meta.block]);
+      }
+      if (clock === null) requestAnimationFrame(draw);
+      return;
+    }
+    const m = JSON.parse(ev.data);
+    if (m.type === 'ready') { fps = m.fps; window.liveStats.ready = true; }
+    else if (m.type === 'frames') {
+      meta = m;
+      if (canvas.width !== m.width) { canvas.width = m.width; canvas.height = m.height; }
+      if (info.state !== 'Live') { info.state = 'Live'; show(); }
+      return;
+    } else if (m.type === 'block') { info.stats = m.stats; }
+    else if (m.type === 'queued') { info.state = `Queued: position ${m.position} for a live slot`; }
+    else if (m.type === 'prompt_ok') { info.note = `New prompt from block ${m.block}: ${m.prompt}`; }
+    else if (m.type === 'error') { info.note = 'Refused: ' + m.message; if (m.fatal) { running = false; info.state = 'Not started'; } }
+    else if (m.type === 'saved') {
+      $('.live-downloads').innerHTML = `Recording: <a class="live-mp4" href="${m.mp4}" download>mp4</a> · ` +
+        `<a class="live-json" href="${m.json}" download>timeline JSON</a>`;
+    } else if (m.type === 'end') {
+      running = false;
+      info.state = {stopped: 'Stopped', limit: 'Ended: the server limit of one stream', error: 'Ended by an error'}[m.reason] || 'Ended';
+    }
+    show();
+  };
+  ws.onclose = () => { ws = null; window.liveStats.ready = false; if (running) { running = false; info.state = 'Disconnected'; show(); } };
+}
+function send(obj) {
+  const text = JSON.stringify(obj);
+  if (ws && ws.readyState === 1) ws.send(text); else { pending = text; if (!ws) connect(); }
+}
+function start() {
+  if (running) return;
+  const L = window.liveStats; L.click = performance.now(); L.firstPaint = null; L.painted = 0; L.stalls = 0; L.gaps = [];
+  running = true; queue = []; clock = null; info = {state: 'Starting…'}; show();
+  $('.live-downloads').innerHTML = '';
+  send({type: 'start', prompt: $('.live-prompt').value, seed: Number($('.live-seed').value)});
+}
+$('.live-start').addEventListener('click', start);
+$('.live-stop').addEventListener('click', () => {
+  if (!running) return;
+  running = false; queue = []; info.state = 'Stopping…'; show(); send({type: 'stop'});
+});
+$('.live-save').addEventListener('click', () => running && send({type: 'save'}));
+$('.live-prompt').addEventListener('keydown', (e) => {
+  if (e.key !== 'Enter') return;
+  e.preventDefault();
+  if (running) send({type: 'prompt', text: e.target.value}); else start();
+});
+connect(); show();
+"""
+
+
+def live_html(prompt: str, width: int, height: int) -> str:
+    import html
+
+    return f"""
+<div class="live-box">
+  <div class="live-row">
+    <input class="live-prompt" id="live-prompt" type="text" value="{html.escape(prompt)}"
+           aria-label="prompt (Enter applies it while the stream runs)">
+    <label>seed <input class="live-seed" id="live-seed" type="number" value="0" min="0" step="1"></label>
+    <button class="live-start" id="live-start">Start</button>
+    <button class="live-stop" id="live-stop">Stop</button>
+    <button class="live-save" id="live-save">Record: save so far</button>
+  </div>
+  <canvas class="live-canvas" id="live-canvas" width="{width}" height="{height}"></canvas>
+  <div class="live-status" id="live-status"></div>
+  <div class="live-note" id="live-note"></div>
+  <div class="live-downloads" id="live-downloads"></div>
+</div>"""
+
+
+LIVE_CSS = """
+.live-row { display: flex; gap: 0.5em; align-items: center; flex-wrap: wrap; margin-bottom: 0.5em; }
+.live-prompt { flex: 1 1 20em; padding: 0.4em; }
+.live-seed { width: 7em; }
+.live-canvas { width: 384px; height: 384px; background: #000; display: block; }
+.live-status, .live-note { min-height: 1.5em; }
+.live-row button { padding: 0.4em 1.2em; border-radius: var(--button-large-radius); font-weight: 600;
+                   border: 1px solid var(--button-secondary-border-color);
+                   background: var(--button-secondary-background-fill); color: var(--button-secondary-text-color); }
+.live-row button.live-start { background: var(--button-primary-background-fill);
+                              color: var(--button-primary-text-color); border-color: transparent; }
+.live-row button.live-stop { background: var(--button-cancel-background-fill);
+                             color: var(--button-cancel-text-color); border-color: transparent; }
+"""
+
+
+def warm_up(serving: Serving) -> float:
+    """Run one block of a live stream, so the first viewer does not pay the first call's one-time costs (memory
+    pools, kernels' first use); returns its seconds."""
+    import time
+
+    from .examples import example_prompts
+
+    t0 = time.perf_counter()
+    prompts = example_prompts(serving.engine) or ["a red circle moving left"]
+    with serving.engine.live(prompts[0], seed=0, pace=False, record=False, max_blocks=1) as live:
+        for _ in live:
+            pass
+    return time.perf_counter() - t0
+
+
+def build_tab(serving: Serving, demo) -> None:
+    """The Live tab inside ui.build_app's Blocks; its routes go to demo.live_routes (see ui.launch_kwargs)."""
+    import gradio as gr
+
+    from .examples import example_prompts
+
+    hub = LiveHub(serving)
+    serving.live_hub = hub
+    demo.live_routes = routes(serving, hub)
+    examples = example_prompts(serving.engine)
+    cfg = serving.engine.config
+    gr.Markdown("Frames are pushed to the page as they are decoded. While it runs, Enter in the prompt box applies "
+                f"a new prompt from the next block. At most {serving.limits.max_live_streams} live streams run at "
+                f"once (later ones wait in line), each up to {serving.limits.live_seconds:g} s of video.")
+    gr.HTML(live_html(examples[0] if examples else "", cfg.width, cfg.height), js_on_load=LIVE_JS,
+            elem_id="live")

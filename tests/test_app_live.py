@@ -1,0 +1,198 @@
+"""The live page's endpoint (/live/ws) on the launched app, driven by a real WebSocket client over the loopback:
+frames as raw RGB as soon as they are decoded, a prompt change mid-stream, a refused prompt (the stream goes on),
+Stop + the recording, admission control with the queue position, a closed tab freeing its slot."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import websocket
+
+from app.live import FairLock
+from app.serving import Limits
+from app.testing import running_app, tiny_app_engine
+
+PROMPT = "a red circle moving left"
+
+
+@pytest.fixture(scope="module")
+def app():
+    eng = tiny_app_engine()
+    with running_app(eng, Limits.for_engine(eng, max_live_streams=1, live_seconds=4.0)) as a:
+        yield a
+
+
+def connect(app) -> websocket.WebSocket:
+    ws = websocket.create_connection(app.url.replace("http", "ws") + "live/ws", timeout=60)
+    ready = json.loads(ws.recv())
+    assert ready["type"] == "ready" and ready["fps"] == 16
+    return ws
+
+
+def send(ws, **msg):
+    ws.send(json.dumps(msg))
+
+
+def next_message(ws):
+    """The next JSON message; a 'frames' message comes with its frames (n, H, W, 3) uint8."""
+    m = json.loads(ws.recv())
+    if m["type"] == "frames":
+        data = ws.recv()
+        assert isinstance(data, bytes)
+        return m, np.frombuffer(data, np.uint8).reshape(m["n"], m["height"], m["width"], 3)
+    return m, None
+
+
+def start(ws, **msg):
+    """Start a stream and wait for its first frames (a stream of the previous test may still be ending its last
+    block: the slot is free after that block)."""
+    send(ws, type="start", prompt=PROMPT, **msg)
+    m, f = next_message(ws)
+    while m["type"] == "queued":
+        m, f = next_message(ws)
+    assert m["type"] == "frames", m
+    return m, f
+
+
+def frames_until_end(ws, limit=400):
+    """All frames until 'end', and the messages seen."""
+    frames, seen = [], []
+    for _ in range(limit):
+        m, f = next_message(ws)
+        seen.append(m)
+        if f is not None:
+            frames.append(f)
+        if m["type"] == "end":
+            return frames, seen
+    raise AssertionError("no end message")
+
+
+def test_stream_frames_prompt_change_stop_and_record(app):
+    ws = connect(app)
+    try:
+        m, first = start(ws, seed=3)
+        assert m["block"] == 0 and m["prompt"] == PROMPT
+        assert first.shape == (1, 32, 32, 3)  # the first video frame goes out alone, before the block is done
+        got = [first]
+        while sum(len(f) for f in got) < 9:  # the rest of block 0 (1 + 4 (3 - 1) frames)
+            m, f = next_message(ws)
+            if f is not None:
+                got.append(f)
+        ref = app.serving.engine.live(PROMPT, seed=3, pace=False, record=False, max_blocks=1)
+        assert np.array_equal(np.concatenate(got), next(iter(ref)).frames)  # the engine's frames, bit for bit
+        send(ws, type="prompt", text="a dragon")
+        send(ws, type="prompt", text="a blue square moving up")
+        seen = []
+        while not any(m["type"] == "frames" and m["prompt"] == "a blue square moving up" for m in seen):
+            seen.append(next_message(ws)[0])
+            assert len(seen) < 200
+        err = next(m for m in seen if m["type"] == "error")
+        assert "dragon" in err["message"]
+        ok = next(m for m in seen if m["type"] == "prompt_ok")
+        switched = next(m for m in seen if m["type"] == "frames" and m["prompt"] == "a blue square moving up")
+        assert switched["block"] == ok["block"]  # the block the server named is the one that changes
+        blocks = [m for m in seen if m["type"] == "block"]
+        assert blocks and {"fps", "realtime_factor", "block_p50"} <= set(blocks[-1]["stats"])
+        send(ws, type="stop")
+        _, seen = frames_until_end(ws)
+        assert seen[-1] == {"type": "end", "reason": "stopped"}
+        saved = next(m for m in seen if m["type"] == "saved")
+        meta = httpx.get(app.url + saved["json"]).json()
+        assert meta["seed"] == 3 and [p for _, p in meta["timeline"]] == [PROMPT, "a blue square moving up"]
+        assert meta["timeline"][1][0] == ok["block"]
+        assert httpx.get(app.url + saved["mp4"]).content[4:8] == b"ftyp"
+        assert httpx.get(app.url + "live/download/nothere.mp4").status_code == 404
+    finally:
+        ws.close()
+    deadline = time.monotonic() + 10  # the page is gone: its recordings go too (a long server keeps no files)
+    while httpx.get(app.url + saved["mp4"]).status_code != 404:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert not any(p.name.startswith("live-") for p in app.serving.runs_dir.iterdir())
+
+
+def test_server_limit_ends_the_stream_with_every_frame_recorded(app):
+    ws = connect(app)
+    try:
+        m, first = start(ws, seed=0)
+        frames, seen = frames_until_end(ws)
+        frames.insert(0, first)
+        assert seen[-1]["reason"] == "limit"
+        n = sum(len(f) for f in frames)
+        assert 4.0 * 16 <= n < 4.0 * 16 + 12  # ends with the block that reaches the limit
+        saved = next(m for m in seen if m["type"] == "saved")
+        assert httpx.get(app.url + saved["json"]).json()["num_frames"] == n
+    finally:
+        ws.close()
+
+
+def test_bad_start_is_refused_and_the_socket_stays_usable(app):
+    ws = connect(app)
+    try:
+        for msg, words in [(dict(type="start", prompt="", seed=0), "prompt is empty"),
+                           (dict(type="start", prompt=PROMPT, seed=1.5), "seed must be an integer"),
+                           (dict(type="start", prompt=PROMPT, seed=-1), "seed must be in [0, 2147483647]"),
+                           (dict(type="start", prompt="a purple dragon", seed=0), "dragon"),
+                           (dict(type="go"), "type': 'start'")]:
+            send(ws, **msg)
+            m = json.loads(ws.recv())
+            assert m["type"] == "error" and m["fatal"] and words in m["message"], (msg, m)
+        ws.send("not json")
+        assert json.loads(ws.recv())["type"] == "error"
+        start(ws, seed=0)
+    finally:
+        ws.close()
+
+
+def test_admission_queues_the_second_viewer_and_a_closed_tab_frees_its_slot(app):
+    a = connect(app)
+    b = connect(app)
+    try:
+        start(a, seed=0)
+        send(b, type="start", prompt=PROMPT, seed=1)
+        assert json.loads(b.recv()) == {"type": "queued", "position": 1}
+        t0 = time.perf_counter()
+        a.close()  # the tab closes: the waiting viewer starts after the block in flight
+        m, f = next_message(b)
+        while f is None:
+            m, f = next_message(b)
+        assert m["block"] == 0 and time.perf_counter() - t0 < 10
+        send(b, type="stop")
+        frames_until_end(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_stop_while_queued_leaves_the_line(app):
+    a, b = connect(app), connect(app)
+    try:
+        start(a, seed=0)
+        send(b, type="start", prompt=PROMPT, seed=1)
+        assert json.loads(b.recv())["type"] == "queued"
+        send(b, type="stop")
+        assert json.loads(b.recv()) == {"type": "end", "reason": "stopped"}
+        assert app.serving.live_hub.waiting == []
+        send(a, type="stop")
+        frames_until_end(a)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fair_lock_is_fifo():
+    lock, order = FairLock(), []
+    lock.__enter__()
+    threads = [threading.Thread(target=lambda i=i: (lock.__enter__(), order.append(i), lock.__exit__()))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    lock.__exit__()
+    [t.join(5) for t in threads]
+    assert order == [0, 1, 2]
