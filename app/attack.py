@@ -1,7 +1,7 @@
 """The Noise-attack tab: optimise the sampler noise of one video against an objective, with live curves.
 
 The handler runs `Engine.attack` (engine/attack/optimize.py) in a worker thread and turns its per-iteration
-callback into UI updates: the loss curve (`gr.LinePlot`) and a status line after every iteration, the
+callback into UI updates: the loss curve (a matplotlib figure in `gr.Plot`) and a status line after every iteration, the
 current iterate's video every few seconds, and at the end the baseline and attacked videos side by side,
 perturbation and Gaussianity statistics, the optimised noise (safetensors) and a report (zip of the result
 directory `AttackResult.save` writes).
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-import pandas as pd
 import torch
 
 from engine.attack.optimize import AttackSettings, resolve_budget
@@ -192,22 +191,37 @@ def _work(serving: Serving, req: AttackRequest, job: _Job) -> None:
 
 # ------------------------------------------------------------------------------------------------ handler
 
-def _curve(history: list[dict]) -> pd.DataFrame | None:
-    """The loss curve: two series, 'loss' and 'best so far', against the iteration; None (an empty plot) when
-    there is no finite point yet. Never an empty DataFrame: Gradio's LinePlot then stops drawing the lines of
-    later updates in the browser (seen with Gradio 6.31)."""
-    rows, best = [], math.inf
+def _curve(history: list[dict]):
+    """The loss curve as a matplotlib Figure: 'loss' and 'best so far' against the iteration, integer ticks; None
+    (an empty plot) when there is no finite point yet. (Gradio's LinePlot put fractional ticks on the integer
+    axis of short runs and clipped its title; it offers no tick control.)"""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    its, losses, bests, best = [], [], [], math.inf
     for h in history:
         loss = h.get("loss")
         if loss is None or not math.isfinite(loss):
             continue
         best = min(best, loss)
-        rows += [(h["iteration"], loss, "loss"), (h["iteration"], best, "best so far")]
-    if not rows:
+        its.append(h["iteration"])
+        losses.append(loss)
+        bests.append(best)
+    if not its:
         return None
-    return pd.DataFrame({"iteration": pd.Series([r[0] for r in rows], dtype="int64"),
-                         "value": pd.Series([r[1] for r in rows], dtype="float64"),
-                         "series": pd.Series([r[2] for r in rows], dtype="object")})
+    fig = Figure(figsize=(6.4, 2.6), dpi=100, layout="constrained")  # no pyplot: nothing global to leak
+    ax = fig.add_subplot()
+    ax.plot(its, losses, marker="o" if len(its) < 30 else None, ms=3, label="loss")
+    ax.plot(its, bests, ls="--", label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)  # "x10^-6", not "-6"
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss (minimised)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.loss_history = {"iteration": its, "loss": losses, "best": bests}  # the numbers, for tests
+    return fig
 
 
 def _fmt(x, spec=".4g") -> str:
@@ -361,8 +375,7 @@ def build_tab(serving: Serving) -> None:
                 run_btn = gr.Button("Run attack", variant="primary", elem_id="attack-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="attack-stop-btn")
         with gr.Column(scale=3):
-            curve = gr.LinePlot(x="iteration", y="value", color="series", label="Loss (minimised)",
-                                x_title="iteration", y_title="loss", height=260)
+            curve = gr.Plot(label="Loss (minimised)", show_label=False, format="png", elem_id="attack-curve")
             status = gr.Markdown("Ready.", label="Status", elem_id="attack-status")
             with gr.Row():
                 baseline = gr.Video(label="Baseline", interactive=False, autoplay=True, loop=True)

@@ -14,6 +14,7 @@ Protocol on /live/ws (JSON text from the client; JSON text and binary from the s
                 n x height x width x 3 bytes (uint8 RGB), as soon as a latent frame is decoded
             {"type": "block", "block", "stats"}  after each block: fps, real-time factor, latency
             {"type": "prompt_ok", "block", "prompt"} | {"type": "error", "message"} (refused; the stream goes on)
+            {"type": "started", "id", "mp4", "json"}   where the recording will be (the page remembers it)
             {"type": "saved", "mp4", "json"} | {"type": "end", "reason"}   reason: stopped, limit, error
 
 Live streams share the device per block through a FIFO lock (a bare threading.Lock lets one thread take it again
@@ -31,6 +32,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 import uuid
 
 from .serving import InputError, Serving, check_prompt, check_seed
@@ -71,12 +73,23 @@ class LiveHub:
         self.running = 0
         self.waiting: list[object] = []
         self.saved: dict[str, object] = {}  # stream id -> its run directory (live.mp4, live.json)
+        self.closed_at: dict[str, float] = {}  # stream id -> when its page went away
         self._cond: asyncio.Condition | None = None  # made on the server's event loop
 
     def _condition(self) -> asyncio.Condition:
         if self._cond is None:
             self._cond = asyncio.Condition()
         return self._cond
+
+    def sweep(self, max_age: float | None = None) -> None:
+        """Delete the recordings of pages that went away more than max_age (default cache_max_age) seconds ago: a
+        page that lost its connection can still fetch its recording after a reload, and a long server keeps none."""
+        max_age = self.serving.cache_max_age if max_age is None else max_age
+        now = time.monotonic()
+        for sid, t in list(self.closed_at.items()):
+            if now - t >= max_age:
+                del self.closed_at[sid]
+                shutil.rmtree(self.saved.pop(sid), ignore_errors=True)
 
     async def admit(self, ticket, on_position) -> None:
         """Wait for a live slot (FIFO); on_position(n) is awaited whenever the waiting position changes."""
@@ -139,7 +152,8 @@ def routes(serving: Serving, hub: LiveHub):
         cfg = serving.engine.config
         await ws.send_text(json.dumps({"type": "ready", "fps": int(cfg.fps), "height": cfg.height,
                                        "width": cfg.width, "max_seconds": serving.limits.live_seconds}))
-        mine: list[str] = []  # this socket's recordings: downloadable while the page is open, removed after
+        hub.sweep()
+        mine: list[str] = []  # this socket's recordings: kept for cache_max_age after the page goes away
         try:
             while True:  # one stream at a time per socket; the page reuses its socket for the next Start
                 try:
@@ -158,8 +172,8 @@ def routes(serving: Serving, hub: LiveHub):
         except (WebSocketDisconnect, RuntimeError):
             return
         finally:
-            for sid in mine:
-                shutil.rmtree(hub.saved.pop(sid), ignore_errors=True)
+            now = time.monotonic()
+            hub.closed_at.update((sid, now) for sid in mine)
 
     async def download(request):
         run = hub.saved.get(request.path_params["id"])
@@ -221,12 +235,13 @@ async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, mi
     run.mkdir(parents=True, exist_ok=True)
     hub.saved[sid] = run
     mine.append(sid)
+    links = {"mp4": f"live/download/{sid}.mp4", "json": f"live/download/{sid}.json"}
+    await ws.send_text(json.dumps({"type": "started", "id": sid, **links}))
     reason = ["limit"]
 
     async def save():
         await asyncio.to_thread(live.save, run / "live.mp4")
-        await ws.send_text(json.dumps({"type": "saved", "mp4": f"live/download/{sid}.mp4",
-                                       "json": f"live/download/{sid}.json"}))
+        await ws.send_text(json.dumps({"type": "saved", **links}))
 
     async def receive():
         try:
@@ -330,6 +345,15 @@ function draw(t) {
   }
   if (running || queue.length) requestAnimationFrame(draw);
 }
+function links(m, what) {
+  $('.live-downloads').innerHTML = `${what}: <a class="live-mp4" href="${m.mp4}" download>mp4</a> · ` +
+    `<a class="live-json" href="${m.json}" download>timeline JSON</a>`;
+}
+function lastRecording() {  // the page was reloaded or lost its connection: its last stream is still on the server
+  let m = null; try { m = JSON.parse(localStorage.getItem('liveLast')); } catch (e) {}
+  if (m && m.json) fetch(new URL(m.json, document.baseURI), {method: 'HEAD'})
+    .then((r) => { if (r.ok && !running) links(m, 'Last recording'); }).catch(() => {});
+}
 function connect() {
   const url = new URL('live/ws', document.baseURI); url.protocol = url.protocol.replace('http', 'ws');
   ws = new WebSocket(url); ws.binaryType = 'arraybuffer';
@@ -358,10 +382,9 @@ function connect() {
     else if (m.type === 'queued') { info.state = `Queued: position ${m.position} for a live slot`; }
     else if (m.type === 'prompt_ok') { info.note = `New prompt from block ${m.block}: ${m.prompt}`; }
     else if (m.type === 'error') { info.note = 'Refused: ' + m.message; if (m.fatal) { running = false; info.state = 'Not started'; } }
-    else if (m.type === 'saved') {
-      $('.live-downloads').innerHTML = `Recording: <a class="live-mp4" href="${m.mp4}" download>mp4</a> · ` +
-        `<a class="live-json" href="${m.json}" download>timeline JSON</a>`;
-    } else if (m.type === 'end') {
+    else if (m.type === 'started') { try { localStorage.setItem('liveLast', JSON.stringify(m)); } catch (e) {} }
+    else if (m.type === 'saved') { links(m, 'Recording'); }
+    else if (m.type === 'end') {
       running = false;
       info.state = {stopped: 'Stopped', limit: 'Ended: the server limit of one stream', error: 'Ended by an error'}[m.reason] || 'Ended';
     }
@@ -391,7 +414,7 @@ $('.live-prompt').addEventListener('keydown', (e) => {
   e.preventDefault();
   if (running) send({type: 'prompt', text: e.target.value}); else start();
 });
-connect(); show();
+connect(); show(); lastRecording();
 """
 
 

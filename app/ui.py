@@ -66,8 +66,7 @@ def quiet_queue(demo: gr.Blocks, poll_seconds: float = 0.02, progress_seconds: f
 # queue position Gradio shows in the status line's progress overlay.
 CSS = """
 video, canvas, #video video, .live-canvas { image-rendering: crisp-edges; image-rendering: pixelated; }
-#status, #attack-status { min-height: 3.5em; overflow: visible; }
-#status .wrap, #attack-status .wrap { position: static; min-height: 2.5em; }
+#status, #attack-status { min-height: 100px !important; overflow: visible !important; }
 """ + live_tab.LIVE_CSS
 
 

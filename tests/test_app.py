@@ -6,8 +6,11 @@ check lengths, streaming, limits, errors and isolation, not image quality.
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import threading
+import zipfile
 
 import gradio as gr
 import numpy as np
@@ -447,11 +450,15 @@ def test_attack_live_curve_videos_statistics_and_files(serving, engine, tmp_path
     from engine.sampling.noise import SamplerNoise
 
     updates = attack_updates(serving)
-    assert updates[0]["curve"] is None  # cleared first: never an empty DataFrame (breaks Gradio's plot)
-    curves = [u["curve"] for u in updates if hasattr(u["curve"], "columns")]
-    assert all(len(c) for c in curves)
-    assert [c["iteration"].max() for c in curves[:2]] == [0, 1]  # one curve update per iteration
-    assert set(curves[-1]["series"]) == {"loss", "best so far"}
+    assert updates[0]["curve"] is None  # cleared first
+    curves = [u["curve"] for u in updates if hasattr(u["curve"], "loss_history")]
+    assert [c.loss_history["iteration"][-1] for c in curves[:2]] == [0, 1]  # one curve update per iteration
+    ax = curves[-1].axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["loss", "best so far"]
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # integer iterations, integer ticks
+    assert ax.get_title() == "Loss (minimised)"
+    h = curves[-1].loss_history
+    assert h["best"] == list(np.minimum.accumulate(h["loss"]))
     final = updates[-1]
     assert final["status"].startswith("**Done**")
     assert "Gaussianity" in final["stats"] and "KS p-value" in final["stats"] and "PSNR" in final["stats"]
@@ -522,7 +529,10 @@ def test_client_attack_returns_curve_and_both_videos(client, app):
         PROMPT, 0, 9, "targeted", "#00ff00", "linf", 0.1, 2, 0.05, ["z0", "step"], "independent", "pgd",
         api_name="/attack")
     assert "Done" in status and "Gaussianity" in stats
-    assert [row[0] for row in curve["data"] if row[2] == "loss"] == [0, 1, 2]  # two steps + the final point
+    assert curve["type"] == "matplotlib" and curve["plot"].startswith("data:image/png")
+    with zipfile.ZipFile(io.BytesIO(httpx.get(report["url"]).content)) as z:
+        history = json.loads(z.read(next(n for n in z.namelist() if n.endswith("history.json"))))
+    assert [h["iteration"] for h in history] == [0, 1, 2]  # two steps + the final point, in the report
     for video in (base, att):
         assert read_video(httpx.get(video["url"]).content)[0].shape == (9, 32, 32, 3)
     assert noise["orig_name"].endswith(".safetensors") and report["orig_name"].endswith(".zip")

@@ -172,3 +172,9 @@ def test_live_page_paints_frames_switches_prompt_stops_and_records(browser, tmp_
         painted = state["stats"]["painted"]
         time.sleep(1.0)
         assert browser.execute_script(LIVE_JS_STATE)["stats"]["painted"] == painted  # Stop stops the picture at once
+
+        browser.refresh()  # a reloaded page offers its last recording again
+        wait.until(lambda d: any(b.text == "Live" for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")))
+        next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Live").click()
+        wait.until(lambda d: "Last recording" in d.find_element(By.CSS_SELECTOR, "#live .live-downloads").text)
+        assert browser.execute_script(LIVE_JS_STATE)["mp4"] == state["mp4"]
