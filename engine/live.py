@@ -42,7 +42,7 @@ import torch
 
 from .models.text import check_prompts
 from .sampling.block_sampler import Conditioning, context_pass, denoise_block, num_renoise
-from .sampling.codec import StreamingDecoder, temporal_compression
+from .sampling.codec import temporal_compression
 from .sampling.noise import block_noise, check_seed
 
 # The default rolling window of live streams (latent frames, the current block included) and its frame sink,
@@ -106,6 +106,7 @@ class LiveStream:
     """An open-ended stream; see the module docstring. Made by `Engine.live`."""
 
     def __init__(self, engine, prompt: str | None = None, *, seed: int = 0, timeline=None, recache: bool = True,
+                 decoder: str | None = None,
                  lookahead_blocks: int = 1, pace: bool = True, max_blocks: int | None = None,
                  max_seconds: float | None = None, lock=None, record: bool = True, decode: bool = True,
                  height: int | None = None, width: int | None = None, on_frames=None):
@@ -152,7 +153,8 @@ class LiveStream:
         self._max_ctx, self._sinks = self.caches[0].max_frames, self.caches[0].sink_frames
         self._ctx: list[tuple[int, torch.Tensor]] = []  # the context inputs the cond cache holds: (frame, (B,C,1,h,w))
         self._deferred = None  # (x0, steps) of the last block: its context pass runs before the next block
-        self.decoder = StreamingDecoder(engine.vae) if decode else None
+        self.decoder_name = engine._check_decoder(decoder or engine.decoder)  # "vae" | "fast"
+        self.decoder = engine.streaming_decoder(self.decoder_name) if decode else None
 
         self.block = 0  # the next block to compute
         self.frames = 0  # video frames yielded
@@ -340,7 +342,7 @@ class LiveStream:
         return {"num_frame_per_block": c.num_frame_per_block, "local_attn_frames": c.local_attn_frames,
                 "sink_frames": c.sink_frames, "rope_positions": c.rope_positions,
                 "denoising_steps": list(c.denoising_steps), "guidance_scale": c.guidance_scale,
-                "recache": self.recache}
+                "recache": self.recache, "decoder": self.decoder_name}
 
     def save(self, path: str | os.PathLike) -> Path:
         """The stream so far as an mp4 (atomic; after close() every frame, mid-stream all but the newest) and the

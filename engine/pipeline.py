@@ -7,6 +7,7 @@ Layout on disk (diffusers conventions, the same sub-folders as a Wan2.1 diffuser
     vae/                   AutoencoderKLWan
     text_encoder/          UMT5EncoderModel          (optional: prompt_embeds= can be given instead)
     tokenizer/             tokenizer files           (optional)
+    fast_decoder/          FastVideoDecoder          (optional: TAEHV-style streaming decoder, decoder="fast")
     README.md              model card (optional)
 """
 
@@ -29,9 +30,11 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from .models.causal_wan import CausalWanTransformer3DModel
+from .models.fast_decoder import FastVideoDecoder
 from .models.text import encode_prompts
 from .sampling.block_sampler import Conditioning, iter_blocks, num_renoise
-from .sampling.codec import StreamingDecoder, num_video_frames, spatial_compression, temporal_compression
+from .sampling.codec import (StreamingDecoder, StreamingFastDecoder, num_video_frames, spatial_compression,
+                             temporal_compression)
 from .sampling.noise import SamplerNoise
 from .sampling.schedule import FewStepSchedule
 from .models.kv_cache import POSITION_MODES
@@ -40,6 +43,7 @@ from .video import write_mp4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}  # float64: for gradient checks against finite differences
 OUTPUT_TYPES = ("np", "pt", "latent")
+DECODERS = ("vae", "fast")  # the full Wan VAE decoder, or the optional fast streaming decoder (fast_decoder/)
 
 
 @dataclass
@@ -258,17 +262,34 @@ def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -
     return target
 
 
+def check_fast_decoder(fast_decoder: FastVideoDecoder, vae: AutoencoderKLWan) -> None:
+    """ValueError unless the fast decoder reads the VAE's latents and gives its frame geometry."""
+    if not isinstance(fast_decoder, FastVideoDecoder):
+        raise ValueError(f"fast_decoder must be a FastVideoDecoder, got {type(fast_decoder).__name__}")
+    got = (fast_decoder.config.latent_channels, fast_decoder.temporal_compression, fast_decoder.spatial_compression)
+    want = (vae.config.z_dim, temporal_compression(vae), spatial_compression(vae))
+    if got != want:
+        raise ValueError(f"the fast decoder does not fit the VAE: (latent channels, time, space compression) "
+                         f"{got} vs the VAE's {want}")
+
+
 class Engine:
-    """A streaming few-step generator: transformer + VAE (+ text encoder, tokenizer) + sampler settings."""
+    """A streaming few-step generator: transformer + VAE (+ text encoder, tokenizer, fast decoder) + sampler
+    settings. decoder: "vae" (the full VAE decoder) or "fast" (fast_decoder); generate / stream / live take their
+    own decoder= too."""
 
     def __init__(self, transformer: CausalWanTransformer3DModel, vae: AutoencoderKLWan, text_encoder=None,
-                 tokenizer=None, **settings):
+                 tokenizer=None, *, fast_decoder: FastVideoDecoder | None = None, decoder: str = "vae", **settings):
         if not isinstance(transformer, CausalWanTransformer3DModel):
             raise ValueError(f"transformer must be a CausalWanTransformer3DModel, got {type(transformer).__name__}")
         self.transformer = transformer.eval()
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.tokenizer = tokenizer
+        if fast_decoder is not None:
+            check_fast_decoder(fast_decoder, vae)
+        # channels-last weights: the layout its forward computes in (2-7x faster convolutions on a CPU)
+        self.fast_decoder = fast_decoder.eval().channels_last() if fast_decoder is not None else None
         self.config = EngineConfig.from_dict(settings)
         self.model_card: str | None = None
         self.source: str | None = None
@@ -282,6 +303,25 @@ class Engine:
         if transformer.config.in_channels != vae.config.z_dim:
             raise ValueError(f"transformer in_channels {transformer.config.in_channels} != VAE z_dim "
                              f"{vae.config.z_dim}")
+        self.decoder = self._check_decoder(decoder)
+
+    def _check_decoder(self, decoder: str) -> str:
+        """The decoder name if this engine can decode with it; a ValueError naming what it has otherwise."""
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; accepted: {', '.join(map(repr, DECODERS))}")
+        if decoder == "fast" and self.fast_decoder is None:
+            has = ", ".join(f"{n}/" for n, c in self.components().items() if c is not None)
+            where = f"the checkpoint {self.source}" if getattr(self, "source", None) else "this engine"
+            raise ValueError(f"decoder='fast' needs a fast decoder, but {where} has none (it has {has}); use "
+                             f"decoder='vae', train one with `python -m engine train fast-decoder`, or convert TAEHV "
+                             f"weights with `python -m engine convert taehv` (checkpoints/README.md)")
+        return decoder
+
+    def streaming_decoder(self, decoder: str | None = None):
+        """A fresh streaming decoder for one stream: `decoder` ("vae" | "fast"; None = this engine's default)."""
+        if self._check_decoder(decoder or self.decoder) == "fast":
+            return StreamingFastDecoder(self.fast_decoder)
+        return StreamingDecoder(self.vae)
 
     # -- devices and persistence ----------------------------------------------------------------------------
     @property
@@ -297,14 +337,16 @@ class Engine:
         dev = _resolve_device(device) if device is not None else self.device
         dt = _resolve_dtype(dtype) if dtype is not None else self.dtype
         _cast(self.transformer, dev, dt)
-        _cast(self.vae, dev, dt if dev.type != "cpu" or dt == torch.float64 else torch.float32)
+        for codec in (self.vae, self.fast_decoder):
+            if codec is not None:
+                _cast(codec, dev, dt if dev.type != "cpu" or dt == torch.float64 else torch.float32)
         if self.text_encoder is not None:  # half precision for the (large) encoder on GPUs only
             self.text_encoder.to(dev, dt if dev.type == "cuda" else torch.float32)
         return self
 
     def components(self) -> dict:
         return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder,
-                "tokenizer": self.tokenizer}
+                "tokenizer": self.tokenizer, "fast_decoder": self.fast_decoder}
 
     def save_pretrained(self, path) -> Path:
         """Write the engine directory atomically (safetensors weights, JSON configs)."""
@@ -319,7 +361,8 @@ class Engine:
         return atomic_directory(path, write)
 
     @classmethod
-    def from_pretrained(cls, path, *, device="cpu", dtype="float32", **overrides) -> "Engine":
+    def from_pretrained(cls, path, *, device="cpu", dtype="float32", decoder: str = "vae", **overrides) -> "Engine":
+        """Load an engine directory; its fast_decoder/ too when it has one (decoder="fast" needs it)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory {path} does not exist (see checkpoints/README.md)")
@@ -342,12 +385,17 @@ class Engine:
             with _quiet():
                 text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder")
                 tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        fast_decoder = None
+        if (path / "fast_decoder").is_dir():
+            fast_decoder = FastVideoDecoder.from_config(FastVideoDecoder.load_config(path / "fast_decoder"))
+            load_model_weights(fast_decoder, path / "fast_decoder")
         settings = json.loads((path / "engine_config.json").read_text()) if (path / "engine_config.json").is_file() else {}
         settings.update(overrides)
-        eng = cls(transformer, vae, text_encoder, tokenizer, **settings)
+        eng = cls(transformer, vae, text_encoder, tokenizer, fast_decoder=fast_decoder, **settings)
+        eng.source = str(path)
+        eng.decoder = eng._check_decoder(decoder)
         if (path / "README.md").is_file():
             eng.model_card = (path / "README.md").read_text()
-        eng.source = str(path)
         return eng.to(dev, dt)
 
     # -- inputs ---------------------------------------------------------------------------------------------
@@ -444,8 +492,9 @@ class Engine:
     def stream(self, prompt: str | None = None, *, prompt_embeds=None, negative_prompt_embeds=None,
                num_frames: int | None = None, seed: int = 0, noise: SamplerNoise | None = None,
                output_type: str = "np", height: int | None = None, width: int | None = None,
-               detach_cache: bool = False, decode: bool = True) -> Iterator[StreamChunk]:
-        """Yield each block's frames as soon as they are decoded.
+               detach_cache: bool = False, decode: bool = True, decoder: str | None = None) -> Iterator[StreamChunk]:
+        """Yield each block's frames as soon as they are decoded (by `decoder`: "vae" | "fast", None = the
+        engine's own, `self.decoder`).
 
         Differentiable when the noise requires grad (then the KV cache runs without in-place writes).
         """
@@ -471,7 +520,7 @@ class Engine:
             raise ValueError(f"rope_positions='absolute' covers {table} latent frames (Wan's RoPE table); "
                              f"{noise.shape[2]} were asked for: use rope_positions='window' for longer videos")
         caches = self._caches(cond, noise.shape, differentiable=grad)
-        decoder = StreamingDecoder(self.vae) if decode and output_type != "latent" else None
+        decoder = self.streaming_decoder(decoder) if decode and output_type != "latent" else None
         with torch.set_grad_enabled(grad):
             blocks = iter_blocks(self.transformer, cond, noise, self.schedule, caches,
                                  num_frame_per_block=self.config.num_frame_per_block, detach_cache=detach_cache)
@@ -490,7 +539,8 @@ class Engine:
     def generate(self, prompt: str | None = None, *, prompt_embeds=None, negative_prompt_embeds=None,
                  num_frames: int | None = None, seed: int = 0, noise: SamplerNoise | None = None,
                  output_type: str = "np", height: int | None = None, width: int | None = None,
-                 detach_cache: bool = False, callback: Callable[[StreamChunk], None] | None = None) -> Video:
+                 detach_cache: bool = False, callback: Callable[[StreamChunk], None] | None = None,
+                 decoder: str | None = None) -> Video:
         """Generate a whole video: the concatenation of `stream` for the same arguments."""
         if noise is None:
             noise = self.make_noise(num_frames, seed, height=height, width=width)
@@ -498,7 +548,7 @@ class Engine:
         chunks = []
         for chunk in self.stream(prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                  num_frames=num_frames, noise=noise, output_type=output_type,
-                                 detach_cache=detach_cache):
+                                 detach_cache=detach_cache, decoder=decoder):
             chunks.append(chunk)
             if callback is not None:
                 callback(chunk)
@@ -511,7 +561,7 @@ class Engine:
         total = time.perf_counter() - t0
         n = num_video_frames(self.vae, latents.shape[2])
         timings = {"seconds": total, "first_block_seconds": chunks[0].elapsed, "fps": n / total,
-                   "num_frames": n, "num_blocks": len(chunks)}
+                   "num_frames": n, "num_blocks": len(chunks), "decoder": decoder or self.decoder}
         return Video(frames, latents, noise, self.config.fps, timings)
 
     def live(self, prompt: str | None = None, *, seed: int = 0, timeline=None, **settings):

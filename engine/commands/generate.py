@@ -1,4 +1,4 @@
-"""python -m engine generate "PROMPT" --frames N --seed S --out x.mp4 [--checkpoint DIR]"""
+"""python -m engine generate "PROMPT" --frames N --seed S --out x.mp4 [--checkpoint DIR] [--decoder vae|fast]"""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--local-attn-frames", type=int, default=None, help="rolling attention window (latent frames)")
     p.add_argument("--sink-frames", type=int, default=None)
+    p.add_argument("--decoder", choices=["vae", "fast"], default="vae",
+                   help="vae: the full VAE decoder; fast: the checkpoint's fast streaming decoder (fast_decoder/)")
 
 
 def run(args) -> int:
@@ -26,7 +28,7 @@ def run(args) -> int:
     overrides = {k: v for k, v in (("local_attn_frames", args.local_attn_frames),
                                    ("sink_frames", args.sink_frames)) if v is not None}
     eng = Engine.from_pretrained(args.checkpoint or default_checkpoint(), device=args.device, dtype=args.dtype,
-                                 **overrides)
+                                 decoder=args.decoder, **overrides)
     num_frames = args.frames or eng.config.num_frames
     eng.latent_frames(num_frames)  # validate before any work
     frames, first, n_blocks = [], None, None
@@ -44,5 +46,5 @@ def run(args) -> int:
     video = np.concatenate(frames)
     write_mp4(args.out, video, eng.config.fps)
     print(f"wrote {args.out}: {len(video)} frames in {elapsed:.2f} s = {len(video) / elapsed:.1f} frames/s "
-          f"(playback {eng.config.fps} fps), first block after {first:.3f} s")
+          f"(playback {eng.config.fps} fps, {args.decoder} decoder), first block after {first:.3f} s")
     return 0

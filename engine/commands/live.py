@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--realtime", action="store_true", help="pace generation at the video's fps (as a viewer "
                    "would watch it) instead of as fast as possible")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--decoder", choices=["vae", "fast"], default=None, help="vae: the full VAE decoder (default); "
+                   "fast: the checkpoint's fast streaming decoder (fast_decoder/); default with --timeline: the saved one")
 
 
 def run(args) -> int:
@@ -72,7 +74,9 @@ def run(args) -> int:
                        ("rope_positions", args.rope_positions)):
         if value is not None:
             settings[key] = value
-    eng = Engine.from_pretrained(args.checkpoint or default_checkpoint(), device=args.device, dtype=args.dtype)
+    decoder = args.decoder or saved.get("decoder", "vae")
+    eng = Engine.from_pretrained(args.checkpoint or default_checkpoint(), device=args.device, dtype=args.dtype,
+                                 decoder=decoder)
     fps, k = eng.config.fps, settings.get("num_frame_per_block", eng.config.num_frame_per_block)
     if args.timeline:
         timeline = saved["timeline"]

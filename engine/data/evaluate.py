@@ -281,6 +281,8 @@ def add_arguments(p) -> None:
                    help="torch threads (default 1: on a shared 2-core CPU, 2 spinning threads are far slower)")
     p.add_argument("--device", default=None, help="cpu | cuda | ... (default: cuda if available)")
     p.add_argument("--json", default=None, help="also write the per-video results to this JSON file")
+    p.add_argument("--decoder", choices=["vae", "fast"], default="vae",
+                   help="decode with the full VAE (default) or the checkpoint's fast streaming decoder")
     g = p.add_argument_group("long streams (engine/data/long_eval.py; docs/live.md)")
     g.add_argument("--long-seconds", type=float, default=None, metavar="S",
                    help="score live streams of S seconds instead: every 33-frame window against its prompt")
@@ -323,7 +325,7 @@ def run(args) -> int:
     jobs = [(p, s) for s in args.seeds for p in prompts]
     rows = {}
     for ckpt in args.checkpoint or [str(engine.default_checkpoint())]:
-        eng = engine.Engine.from_pretrained(ckpt)
+        eng = engine.Engine.from_pretrained(ckpt, decoder=getattr(args, "decoder", "vae"))
         if args.device:
             eng.to(args.device)
         videos = [eng.generate(p, seed=s).frames for p, s in jobs]

@@ -1,7 +1,9 @@
-"""Original Wan2.1 / Self-Forcing transformer weights -> diffusers names, and the `convert` command.
+"""Original Wan2.1 / Self-Forcing transformer weights -> diffusers names, TAEHV weights -> the fast decoder, and the
+`convert` command.
 
     python -m engine convert self-forcing self_forcing_dmd.pt --wan-dir Wan2.1-T2V-1.3B-Diffusers --out ckpt/sf
     python -m engine convert wan wan_model.safetensors       --wan-dir Wan2.1-T2V-1.3B-Diffusers --out ckpt/x
+    python -m engine convert taehv taew2_1.pth --out ckpt/sf          # adds ckpt/sf/fast_decoder (decoder="fast")
 
 A Self-Forcing `.pt` holds the generator under `generator_ema` (preferred) or `generator`, with a `model.`
 prefix and the original Wan names; FSDP / activation-checkpoint wrappers may add infixes, which are dropped.
@@ -87,6 +89,61 @@ def load_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def taehv_decoder_state_dict(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """A TAEHV state dict (madebyollin/taehv's `TAEHV`: `encoder.*` and `decoder.*`) -> `model`'s (a
+    FastVideoDecoder; the same `decoder.*` names). The encoder is dropped. A time-growth layer whose checkpoint grows
+    time by more than the model keeps the channels of the last frame, as taehv's `patch_tgrow_layers` does (a
+    decoder built with less time upscaling). Names and shapes are checked by the caller."""
+    from .fast_decoder import TimeGrow
+
+    out = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    own = model.state_dict()
+    for i, layer in enumerate(model.decoder):
+        key = f"decoder.{i}.conv.weight"
+        if isinstance(layer, TimeGrow) and key in out and out[key].shape[0] > own[key].shape[0]:
+            out[key] = out[key][-own[key].shape[0]:]
+    return out
+
+
+def load_taehv(source, **config):
+    """A FastVideoDecoder with TAEHV weights: `source` is a .pth / .safetensors file or a state dict; `config`
+    overrides FastVideoDecoder's defaults (which are TAEHV's Wan2.1 decoder: 16 latent channels). Missing and
+    unexpected names are a ValueError naming them."""
+    from ..pipeline import check_state_dict
+    from .fast_decoder import FastVideoDecoder
+
+    where = "the given state dict"
+    if not isinstance(source, dict):
+        where, source = str(source), load_original(source, "taehv")
+    model = FastVideoDecoder(**config)
+    state = taehv_decoder_state_dict(source, model)
+    check_state_dict(model, state, f"{where} (as a TAEHV decoder)")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def convert_taehv(ckpt, out) -> Path:
+    """Write `out`/fast_decoder from TAEHV weights; `out` must be an engine directory whose VAE they fit."""
+    from diffusers import AutoencoderKLWan
+
+    from ..pipeline import _quiet, atomic_directory, check_fast_decoder
+
+    out = Path(out)
+    if not (out / "vae").is_dir():
+        raise FileNotFoundError(f"--out {out} must be an engine directory (with vae/): the TAEHV decoder is added to "
+                                f"it as fast_decoder/")
+    model = load_taehv(ckpt)
+    with _quiet():
+        check_fast_decoder(model, AutoencoderKLWan.from_pretrained(out / "vae"))
+
+    def write(tmp: Path):
+        with _quiet():
+            model.save_pretrained(tmp)
+        (tmp / "README.md").write_text(f"# TAEHV decoder\n\nConverted from `{Path(ckpt).name}` (madebyollin/taehv) by "
+                                       f"`python -m engine convert taehv`. Use with `decoder=\"fast\"`.\n")
+    return atomic_directory(out / "fast_decoder", write)
+
+
 SELF_FORCING_SETTINGS = dict(denoising_steps=[1000.0, 750.0, 500.0, 250.0], warp_denoising_steps=True, shift=5.0,
                              num_frame_per_block=3, context_t=0.0, guidance_scale=1.0, text_max_length=512,
                              height=480, width=832, num_frames=81, fps=16,
@@ -133,13 +190,21 @@ def convert(kind: str, ckpt, wan_dir, out, *, settings: dict | None = None) -> P
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["self-forcing", "wan"], help="self-forcing .pt or original Wan weights")
+    p.add_argument("kind", choices=["self-forcing", "wan", "taehv"],
+                   help="self-forcing .pt, original Wan weights, or TAEHV weights (taew2_1.pth: the fast decoder)")
     p.add_argument("ckpt", help="checkpoint file (.pt / .pth / .safetensors)")
-    p.add_argument("--wan-dir", required=True, help="Wan2.1-T2V-1.3B diffusers directory (config, VAE, text)")
-    p.add_argument("--out", required=True, help="engine directory to write")
+    p.add_argument("--wan-dir", default=None, help="Wan2.1-T2V-1.3B diffusers directory (config, VAE, text); "
+                   "required for self-forcing and wan")
+    p.add_argument("--out", required=True, help="engine directory to write (taehv: an engine directory to add "
+                   "fast_decoder/ to)")
 
 
 def run(args) -> int:
+    if args.kind == "taehv":
+        print(f"wrote {convert_taehv(args.ckpt, args.out)}")
+        return 0
+    if not args.wan_dir:
+        raise ValueError(f"--wan-dir is required to convert {args.kind} weights (a Wan2.1 diffusers directory)")
     out = convert(args.kind, args.ckpt, args.wan_dir, args.out)
     print(f"wrote {out}")
     return 0

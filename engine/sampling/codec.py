@@ -1,4 +1,5 @@
-"""Streaming VAE decode: diffusers' AutoencoderKLWan, one latent frame at a time, with a persistent causal cache.
+"""Streaming decode: diffusers' AutoencoderKLWan, one latent frame at a time, with a persistent causal cache; or the
+fast decoder (engine/models/fast_decoder.py, TAEHV's architecture), a block at a time with its own causal state.
 
 The Wan VAE decoder is causal in time: its full `decode` runs the decoder frame by frame with a feature cache
 (the last frames of each causal 3D convolution). Keeping that cache alive between calls lets us decode each
@@ -6,7 +7,8 @@ block as soon as it is generated; the concatenation equals one full decode of al
 frame gives 1 video frame, every later one `temporal_compression` frames (4 for Wan): 1 + 4 (N - 1) in all.
 
 Latents are in the transformer's normalised space; `decode` maps them back with the VAE's latents_mean/std
-(as diffusers' WanPipeline does) and returns video in [-1, 1], (B, 3, T, H, W).
+(as diffusers' WanPipeline does) and returns video in [-1, 1], (B, 3, T, H, W). `StreamingFastDecoder` takes the
+same latents and returns the same frame count and alignment, so either serves a stream.
 """
 
 from __future__ import annotations
@@ -73,3 +75,20 @@ def decode_full(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
     """One full (non-streaming) diffusers decode of normalised latents, for reference and tests."""
     mean, std = latent_stats(vae, latents.device, vae.dtype)
     return vae.decode(latents.to(vae.dtype) * std + mean).sample
+
+
+class StreamingFastDecoder:
+    """StreamingDecoder's interface on a FastVideoDecoder: decode latent blocks as they arrive (1 + 4 (N - 1) frames
+    in all, aligned with the VAE's); the causal state is one frame per memory block. One instance per stream."""
+
+    def __init__(self, model):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = None
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, F, h, w), normalised -> video (B, 3, T, H, W) in [-1, 1] for these frames."""
+        raw, self.state = self.model(latents.to(self.model.dtype), self.state)  # [0, 1] space, unclamped
+        return raw.clamp(0.0, 1.0) * 2.0 - 1.0

@@ -9,6 +9,10 @@ The default model's recipe (docs/default-model.md) runs through the same command
 shapes-vae | shapes-latents | shapes-teacher | shapes-ode-bank | shapes-ode-init | shapes-dmd | shapes-eval |
 shapes-ship, e.g. `python -m engine train shapes-teacher --config configs/shapes-recipe.yaml --minutes 55`;
 their options are those of `engine.training.shapes_recipe` (and `engine.training.vae` for shapes-vae).
+
+The fast streaming decoder (TAEHV architecture) is distilled from an engine's VAE by the stage fast-decoder:
+`python -m engine train fast-decoder --config fast-decoder --output-dir runs/fast-decoder --minutes 30`; its options
+are those of `engine.training.fast_decoder` (a preset's keys, `--key value`, --minutes, --resume).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .config import STAGES, dump_config, list_presets, load_config
 EXIT_NONFINITE = 3
 SHAPES_STAGES = ("shapes-vae", "shapes-latents", "shapes-teacher", "shapes-ode-bank", "shapes-ode-init",
                  "shapes-dmd", "shapes-eval", "shapes-ship")
+FAST_DECODER_STAGE = "fast-decoder"
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -34,7 +39,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("stage", choices=STAGES + SHAPES_STAGES)
+    p.add_argument("stage", choices=STAGES + SHAPES_STAGES + (FAST_DECODER_STAGE,))
     _options(p)
     # everything after STAGE, including the options above when they come after it, lands here: run() sorts it out
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value config overrides (dotted keys)")
@@ -72,9 +77,21 @@ def run_shapes(args) -> int:
     return 0
 
 
+def run_fast_decoder(args) -> int:
+    """The fast-decoder stage: hand the command line to its driver."""
+    from .fast_decoder import main as fast_decoder_main
+
+    argv = [x for k in ("config", "output_dir") if getattr(args, k) for x in (f"--{k.replace('_', '-')}", getattr(args, k))]
+    argv += (["--max-steps", str(args.max_steps)] if args.max_steps is not None else [])
+    argv += [flag for flag, on in (("--resume", args.resume), ("--print-config", args.print_config)) if on]
+    return fast_decoder_main(argv + list(args.overrides or []))
+
+
 def run(args) -> int:
     if args.stage in SHAPES_STAGES:
         return run_shapes(args)
+    if args.stage == FAST_DECODER_STAGE:
+        return run_fast_decoder(args)
     args, overrides = parse(args)
     if not args.config:
         raise ValueError("--config FILE is required (a YAML preset; see configs/)")
