@@ -17,17 +17,17 @@ Protocol on /live/ws (JSON text from the client; JSON text and binary from the s
             {"type": "started", "id", "mp4", "json"}   where the recording will be (the page remembers it)
             {"type": "saved", "mp4", "json"} | {"type": "end", "reason"}   reason: stopped, limit, error
 
-Live streams share the device per block through a FIFO lock (a bare threading.Lock lets one thread take it again
-and again), so N streams get 1/N of it each, round-robin. At most Limits.max_live_streams run at once; the others
-wait, shown their position. A closed tab ends its stream after the block being computed (the receive loop sees
-the disconnect and closes the LiveStream, which also ends its pacing wait at once). Generate and Attack jobs use
-the device lock of serving.py and run beside live streams, not between their blocks.
+One scheduler thread advances all live streams together (engine.live.LiveGroup): each round every stream that
+pacing lets go computes its block, in turns, and the round's blocks are decoded in one batched VAE call, which on
+this CPU serves about twice the streams that taking turns does. At most Limits.max_live_streams run at once; the
+others wait, shown their position. A closed tab ends its stream after the block being computed (the receive loop
+sees the disconnect and closes the LiveStream; the next round drops it). Generate and Attack jobs use the device
+lock of serving.py and run beside live streams, not between their blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import shutil
@@ -35,41 +35,22 @@ import threading
 import time
 import uuid
 
+from engine.live import LiveGroup
+
 from .serving import InputError, Serving, check_prompt, check_seed
 
 log = logging.getLogger("app")
 
 
-class FairLock:
-    """A FIFO lock: threads get it in the order they asked (each block of each stream waits its turn)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()
-        self._held = False
-
-    def __enter__(self):
-        me = object()
-        with self._cond:
-            self._queue.append(me)
-            while self._held or self._queue[0] is not me:
-                self._cond.wait()
-            self._queue.popleft()
-            self._held = True
-        return self
-
-    def __exit__(self, *exc):
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
-
-
 class LiveHub:
-    """Admission control and the shared per-block lock of all live streams of one server."""
+    """Admission control and the scheduler of all live streams of one server: one thread advances them together
+    (engine.live.LiveGroup: blocks in turns, decoded in one batch), handing each stream's chunks to its socket."""
 
     def __init__(self, serving: Serving):
         self.serving = serving
-        self.lock = FairLock()
+        self.group = LiveGroup()
+        self._sinks: dict[int, object] = {}
+        self._thread: threading.Thread | None = None
         self.running = 0
         self.waiting: list[object] = []
         self.saved: dict[str, object] = {}  # stream id -> its run directory (live.mp4, live.json)
@@ -80,6 +61,33 @@ class LiveHub:
         if self._cond is None:
             self._cond = asyncio.Condition()
         return self._cond
+
+    def attach(self, live, sink) -> None:
+        """Schedule a stream; sink(item) is called in the scheduler thread with each StreamChunk, then None when
+        it ends (closed or at its limit) or the exception it failed with."""
+        self._sinks[id(live)] = sink
+        self.group.add(live)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="live-scheduler", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        g, stop = self.group, self.serving._closed
+        while not stop.is_set():
+            with g.cond:
+                if not g.streams:
+                    g.cond.wait(0.5)
+                    continue
+            made = False
+            for stream, item in g.step():
+                sink = self._sinks.get(id(stream)) if item is not None and not isinstance(item, BaseException) \
+                    else self._sinks.pop(id(stream), None)
+                made |= item is not None and not isinstance(item, BaseException)
+                if sink is not None:
+                    sink(item)
+            if not made:  # nobody was due: sleep until the next is (short naps, so a close is seen soon)
+                due = g.next_due()
+                stop.wait(0.02 if due is None else min(0.02, max(0.002, due)))
 
     def sweep(self, max_age: float | None = None) -> None:
         """Delete the recordings of pages that went away more than max_age (default cache_max_age) seconds ago: a
@@ -228,7 +236,7 @@ async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, mi
     def on_frames(block, frames):  # in the generating thread, during block `block`: hand over, never block it
         loop.call_soon_threadsafe(outbox.put_nowait, ("frames", block, frames, live.prompt))
 
-    live = serving.engine.live(prompt, seed=seed, lookahead_blocks=1, pace=True, lock=hub.lock,
+    live = serving.engine.live(prompt, seed=seed, lookahead_blocks=1, pace=True,
                                max_seconds=limits.live_seconds, record=True, on_frames=on_frames)
     sid = uuid.uuid4().hex[:12]
     run = serving.runs_dir / f"live-{sid}"
@@ -269,47 +277,47 @@ async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, mi
             live.close()  # the stream ends after its current block
             outbox.put_nowait(None)
 
-    async def generate():
-        it = iter(live)
-        try:
-            while True:
-                chunk = await asyncio.to_thread(next, it, None)
-                if chunk is None:
-                    break
-                s = live.stats
-                outbox.put_nowait(("block", chunk.block, {
-                    "fps": s["fps"], "realtime_factor": s["realtime_factor"], "block_p50": s["block_p50"],
-                    "seconds_video": s["seconds_video"], "recaches": s["recaches"]}))
-        except Exception as e:  # the engine failed: say so, keep the recording
-            log.error("live stream %s failed: %s", sid, e)
-            reason[0] = "error"
-            outbox.put_nowait(("error", str(e)))
-        finally:
-            live.close()
-            outbox.put_nowait(None)
+    def sink(item):  # in the scheduler thread: a StreamChunk, None (ended) or an exception (failed)
+        loop.call_soon_threadsafe(outbox.put_nowait, ("chunk", item))
 
     receiver = asyncio.create_task(receive())
-    generator = asyncio.create_task(generate())
+    hub.attach(live, sink)
     try:
         while True:
             item = await outbox.get()
-            if item is None:
-                break
-            if item[0] == "frames":
+            if item is None:  # the page went away: the stream ends after its block in flight
+                reason[0] = "disconnected"
+                continue
+            if item[0] == "chunk":
+                chunk = item[1]
+                if chunk is None:
+                    break
+                if isinstance(chunk, BaseException):
+                    log.error("live stream %s failed: %s", sid, chunk)
+                    reason[0] = "error" if reason[0] != "disconnected" else reason[0]
+                    if reason[0] == "error":
+                        await ws.send_text(json.dumps({"type": "error", "message": str(chunk)}))
+                    break
+                if reason[0] != "disconnected":
+                    st = live.stats
+                    await ws.send_text(json.dumps({"type": "block", "block": chunk.block, "stats": {
+                        "fps": st["fps"], "realtime_factor": st["realtime_factor"], "block_p50": st["block_p50"],
+                        "seconds_video": st["seconds_video"], "recaches": st["recaches"]}}))
+            elif item[0] == "frames" and reason[0] != "disconnected":
                 _, block, frames, shown_prompt = item
                 await ws.send_text(json.dumps({"type": "frames", "block": block, "n": int(frames.shape[0]),
                                                "height": int(frames.shape[1]), "width": int(frames.shape[2]),
                                                "prompt": shown_prompt}))
                 await ws.send_bytes(frames.tobytes())
-            elif item[0] == "block":
-                await ws.send_text(json.dumps({"type": "block", "block": item[1], "stats": item[2]}))
-            else:
-                await ws.send_text(json.dumps({"type": "error", "message": item[1]}))
     except (WebSocketDisconnect, RuntimeError):
         reason[0] = "disconnected"
+        live.close()
+        while True:  # the slot is free once the scheduler has let the stream go (after its block in flight)
+            item = await outbox.get()
+            if item is not None and item[0] == "chunk" and (item[1] is None or isinstance(item[1], BaseException)):
+                break
     finally:
         live.close()
-        await generator  # the block in flight finishes (at most one block), then the slot is free
         receiver.cancel()
     if reason[0] == "disconnected":
         if live.recorder.num_frames:

@@ -143,6 +143,48 @@ def engine_round_robin(engine, k: int, blocks: int) -> float:
     return frames / dt
 
 
+def batched_vs_turns(engine, k: int, blocks: int, repeats: int = 3) -> dict:
+    """Seconds for `blocks` blocks of k streams: in turns (k batch-1 streams, as the server runs them) against one
+    batch-k forward (k prompts stacked; what a batched scheduler would do). Generation and decode, no server."""
+    from engine.live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES
+    from engine.sampling.block_sampler import Conditioning, context_pass, denoise_block, num_renoise
+    from engine.sampling.codec import StreamingDecoder
+    from engine.sampling.noise import block_noise
+
+    eng = engine.with_settings(local_attn_frames=engine.config.local_attn_frames or LIVE_WINDOW_FRAMES,
+                               sink_frames=engine.config.sink_frames or LIVE_SINK_FRAMES)
+    nb = eng.config.num_frame_per_block
+    shape = eng.latent_shape(1 + 4 * (nb - 1))
+    frame = (1, shape[1], 1, *shape[3:])
+    conds = [eng.conditioning(PROMPT) for _ in range(k)]
+
+    def run(batch: int) -> float:
+        groups = [list(range(i, i + batch)) for i in range(0, k, batch)]
+        states = []
+        for g in groups:
+            cond = Conditioning(torch.cat([conds[i].cond for i in g]))
+            states.append((g, cond, eng._caches(cond, (len(g), *shape[1:]), differentiable=False),
+                           StreamingDecoder(eng.vae)))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in range(blocks):
+                for g, cond, caches, dec in states:
+                    noise = [block_noise(i, b * nb, (b + 1) * nb, frame, num_renoise(eng.schedule)) for i in g]
+                    x = torch.cat([z for z, _ in noise])
+                    steps = [torch.cat([st[j] for _, st in noise]) for j in range(len(noise[0][1]))]
+                    x0 = denoise_block(eng.transformer, cond, x, steps, eng.schedule, caches)
+                    dec.decode(x0)
+                    context_pass(eng.transformer, cond, x0, steps, eng.schedule, caches)
+        return time.perf_counter() - t0
+
+    turns, batched = [], []
+    for _ in range(repeats):  # interleaved, so a change of load hits both
+        turns.append(run(1))
+        batched.append(run(k))
+    t, bt = statistics.median(turns), statistics.median(batched)
+    return {"streams": k, "blocks": blocks, "turns_s": t, "batched_s": bt, "batched_over_turns": bt / t}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv=None) -> dict:
@@ -202,6 +244,10 @@ def main(argv=None) -> dict:
             if not ok:
                 break
         info["concurrency"] = trials
+        info["batching"] = [batched_vs_turns(engine, k, 6) for k in (2, 4)]
+        for r in info["batching"]:
+            print(f"  {r['streams']} streams x {r['blocks']} blocks: in turns {r['turns_s']:.2f} s, batched "
+                  f"{r['batched_s']:.2f} s (batched / turns {r['batched_over_turns']:.2f})", flush=True)
         info["streams_at_real_time"] = max([t["streams"] for t in trials if t["real_time"]], default=0)
 
     print()
@@ -217,6 +263,9 @@ def main(argv=None) -> dict:
     print(f"| app / engine throughput, {s['streams']} streams | {s['app_fps']:.1f} / {s['engine_fps']:.1f} = "
           f"{s['ratio']:.2f} |")
     print(f"| concurrent live streams at real time ({fps} fps each) | {info['streams_at_real_time']} |")
+    for r in info["batching"]:
+        print(f"| one batch-{r['streams']} forward / {r['streams']} streams in turns (generate + decode) | "
+              f"{r['batched_over_turns']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
     return info

@@ -42,7 +42,7 @@ import torch
 
 from .models.text import check_prompts
 from .sampling.block_sampler import Conditioning, context_pass, denoise_block, num_renoise
-from .sampling.codec import temporal_compression
+from .sampling.codec import decode_together, temporal_compression
 from .sampling.noise import block_noise, check_seed
 
 # The default rolling window of live streams (latent frames, the current block included) and its frame sink,
@@ -246,41 +246,53 @@ class LiveStream:
         return self
 
     def __next__(self):
-        from .pipeline import StreamChunk, to_uint8
-
         if self.closed or self._finished():
             self.close()
             raise StopIteration
         self._wait_for_viewer()
         if self.closed:
             raise StopIteration
+        t0 = time.perf_counter()
+        with self._lock if self._lock is not None else contextlib.nullcontext():
+            x0, seconds_generate = self._step(self._compute_block)
+            t1 = time.perf_counter()
+            frames = None
+            if self.decoder is not None:  # latent frame by latent frame
+                frames = self._step(lambda: np.concatenate([self._decoded(self.decoder.decode(x0[:, :, i:i + 1]))
+                                                            for i in range(x0.shape[2])]))
+        return self._step(self._finish, x0, frames, t0, seconds_generate, time.perf_counter() - t1)
+
+    def _step(self, fn, *args):
+        """Run one part of a block; an error closes the stream (the recording so far stays) and is re-raised."""
         try:
-            t0 = time.perf_counter()
-            with self._lock if self._lock is not None else contextlib.nullcontext():
-                x0, seconds_generate = self._compute_block()
-                t1 = time.perf_counter()
-                frames = None
-                if self.decoder is not None:
-                    parts = []
-                    for i in range(x0.shape[2]):  # latent frame by latent frame: the first video frame comes early
-                        video = self.decoder.decode(x0[:, :, i:i + 1])  # (B, 3, T, H, W) in [-1, 1]
-                        parts.append(to_uint8((video[0].permute(1, 2, 3, 0).float() + 1) / 2))  # (T, H, W, 3)
-                        if self.on_frames is not None:
-                            self.on_frames(self.block, parts[-1])
-                    frames = np.concatenate(parts)
-            seconds_decode = time.perf_counter() - t1
-            with self._record_lock:  # close() may come from another thread meanwhile
-                if self.recorder is not None and frames is not None and not self.recorder.closed:
-                    self.recorder.add(frames)
+            return fn(*args)
         except BaseException as e:
             self.error = e
             self.close()
             raise
+
+    def _decoded(self, video: torch.Tensor) -> np.ndarray:
+        """Decoded video (1, 3, T, H, W) in [-1, 1] of one latent frame -> uint8 (T, H, W, 3), handed to on_frames
+        at once (the first video frame of a block goes out before the block is decoded)."""
+        from .pipeline import to_uint8
+
+        frames = to_uint8((video[0].permute(1, 2, 3, 0).float() + 1) / 2)
+        if self.on_frames is not None:
+            self.on_frames(self.block, frames)
+        return frames
+
+    def _finish(self, x0, frames, t0: float, seconds_generate: float, seconds_decode: float):
+        """Record the block, advance the counters, make its StreamChunk."""
+        from .pipeline import StreamChunk
+
+        with self._record_lock:  # close() may come from another thread meanwhile
+            if self.recorder is not None and frames is not None and not self.recorder.closed:
+                self.recorder.add(frames)
         b = self.block
         self.block += 1
         n = self.tc * x0.shape[2] - (self.tc - 1 if b == 0 else 0)  # 1 + 4 (k - 1) frames first, then 4 k
         self.frames += n
-        spent = time.perf_counter() - t0
+        spent = seconds_generate + seconds_decode
         self._busy += spent
         self._block_seconds.append(spent)
         if self._t_first is None:
@@ -312,16 +324,22 @@ class LiveStream:
             return True
         return self.max_seconds is not None and self.frames >= self.max_seconds * self.fps
 
-    def _wait_for_viewer(self) -> None:
+    def due_in(self) -> float:
+        """Seconds until pacing lets this stream compute its next block (0: now): it may be at most
+        lookahead_blocks blocks ahead of a viewer who started watching at its first block."""
         if not self.pace or self._t_first is None:
-            return
+            return 0.0
         per_block = self.tc * self.engine.config.num_frame_per_block
+        shown = (time.perf_counter() - self._t_first) * self.fps + 1  # frame 0 shows at once
+        ahead = self.frames - shown  # yielded frames the viewer has not seen yet
+        return max(0.0, (ahead - self.lookahead_blocks * per_block) / self.fps)
+
+    def _wait_for_viewer(self) -> None:
         while not self.closed:
-            shown = (time.perf_counter() - self._t_first) * self.fps + 1  # frame 0 shows at once
-            ahead = self.frames - shown  # yielded frames the viewer has not seen yet
-            if ahead <= self.lookahead_blocks * per_block:
+            wait = self.due_in()
+            if wait <= 0:
                 return
-            self._wake.wait((ahead - self.lookahead_blocks * per_block) / self.fps)
+            self._wake.wait(wait)
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
@@ -384,3 +402,89 @@ class LiveStream:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
+
+
+class LiveGroup:
+    """Several live streams of one engine, advanced together by one thread (a server's viewers).
+
+    Each round (`step`), every stream that pacing lets go computes its block (the transformer, stream after
+    stream: their caches differ in fill and positions) and then all their blocks are decoded together, one
+    batched VAE call per latent frame (`decode_together`): on this CPU the decoder is most of a block's time
+    and a batch of 4 costs about 1.4x a batch of 1. Streams due within `align_seconds` (default: one block of
+    video) join the round early, which keeps the viewers' blocks in phase so they batch; that look-ahead stays
+    within two blocks. Per stream the frames equal its own iteration up to float rounding of batched kernels.
+    """
+
+    def __init__(self, align_seconds: float | None = None):
+        self.streams: list[LiveStream] = []
+        self.align_seconds = align_seconds
+        self.cond = threading.Condition()  # notified on add: a scheduler waiting for streams wakes up
+
+    def add(self, stream: LiveStream) -> None:
+        with self.cond:
+            self.streams.append(stream)
+            self.cond.notify_all()
+
+    def _align(self, s: LiveStream) -> float:
+        if self.align_seconds is not None:
+            return self.align_seconds
+        return s.tc * s.engine.config.num_frame_per_block / s.fps
+
+    def next_due(self) -> float | None:
+        """Seconds until a round would compute something (0: now); None without streams."""
+        with self.cond:
+            return min((max(0.0, s.due_in() - self._align(s)) for s in self.streams), default=None)
+
+    def step(self) -> list[tuple[LiveStream, object]]:
+        """One round. Returns (stream, StreamChunk) for each stream that made a block, (stream, None) for each that
+        ended (closed or at its limit; removed from the group) and (stream, exception) for each that failed
+        (closed, removed; its recording so far stays)."""
+        out: list[tuple[LiveStream, object]] = []
+        with self.cond:
+            streams = list(self.streams)
+        due = []
+        for s in streams:
+            if s.closed or s._finished():
+                s.close()
+                out.append((s, None))
+            elif s.due_in() <= self._align(s):
+                due.append(s)
+        computed = []
+        for s in due:
+            t0 = time.perf_counter()
+            try:
+                x0, seconds_generate = s._step(s._compute_block)
+            except Exception as e:
+                out.append((s, e))
+                continue
+            computed.append((s, x0, seconds_generate, t0))
+        decoding = [c for c in computed if c[0].decoder is not None]
+        parts: dict[int, list[np.ndarray]] = {id(c[0]): [] for c in decoding}
+        t1 = time.perf_counter()
+        if decoding:
+            try:
+                with torch.no_grad():
+                    for i in range(max(c[1].shape[2] for c in decoding)):
+                        live = [c for c in decoding if i < c[1].shape[2]]
+                        videos = decode_together([c[0].decoder for c in live], [c[1][:, :, i:i + 1] for c in live])
+                        for (s, *_), v in zip(live, videos):
+                            parts[id(s)].append(s._decoded(v))
+            except Exception as e:  # a decoder failed: every stream of this round fails with it
+                for s, *_ in decoding:
+                    s.error = e
+                    s.close()
+                    out.append((s, e))
+                computed = [c for c in computed if c[0].decoder is None]
+        seconds_decode = (time.perf_counter() - t1) / max(1, len(decoding))  # the batch's time, shared
+        for s, x0, seconds_generate, t0 in computed:
+            frames = np.concatenate(parts[id(s)]) if s.decoder is not None else None
+            try:
+                out.append((s, s._step(s._finish, x0, frames, t0, seconds_generate,
+                                       seconds_decode if s.decoder is not None else 0.0)))
+            except Exception as e:
+                out.append((s, e))
+        ended = {id(s) for s, item in out if item is None or isinstance(item, BaseException)}
+        if ended:
+            with self.cond:
+                self.streams = [s for s in self.streams if id(s) not in ended]
+        return out

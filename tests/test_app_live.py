@@ -5,7 +5,6 @@ Stop + the recording, admission control with the queue position, a closed tab fr
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import websocket
 
-from app.live import FairLock
 from app.serving import Limits
 from app.testing import running_app, tiny_app_engine
 
@@ -183,19 +181,6 @@ def test_stop_while_queued_leaves_the_line(app):
     finally:
         a.close()
         b.close()
-
-
-def test_fair_lock_is_fifo():
-    lock, order = FairLock(), []
-    lock.__enter__()
-    threads = [threading.Thread(target=lambda i=i: (lock.__enter__(), order.append(i), lock.__exit__()))
-               for i in range(3)]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)
-    lock.__exit__()
-    [t.join(5) for t in threads]
-    assert order == [0, 1, 2]
 
 
 def test_login_covers_the_live_socket():
