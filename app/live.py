@@ -7,8 +7,8 @@ its WebSocket when it loads, so a click costs no connection set-up.
 
 Protocol on /live/ws (JSON text from the client; JSON text and binary from the server):
 
-    client: {"type": "start", "prompt", "seed"} | {"type": "prompt", "text"} | {"type": "stop"} | {"type": "save"}
-    server: {"type": "ready", "fps", "height", "width", "max_seconds"}   once, when the socket opens
+    client: {"type": "start", "prompt", "seed"[, "decoder": "fast" | "vae"]} | {"type": "prompt", "text"} | {"type": "stop"} | {"type": "save"}
+    server: {"type": "ready", "fps", "height", "width", "max_seconds", "decoders"}   once, when the socket opens
             {"type": "queued", "position": n}    while every live slot is taken (admission control)
             {"type": "frames", "block", "n", "height", "width", "prompt"} then one binary message of
                 n x height x width x 3 bytes (uint8 RGB), as soon as a latent frame is decoded
@@ -37,7 +37,7 @@ import uuid
 
 from engine.live import LiveGroup
 
-from .serving import InputError, Serving, check_prompt, check_seed
+from .serving import InputError, Serving, check_choice, check_prompt, check_seed
 
 log = logging.getLogger("app")
 
@@ -123,17 +123,24 @@ class LiveHub:
             cond.notify_all()
 
 
-def check_start(serving: Serving, msg: dict) -> tuple[str, int]:
+def decoders(engine) -> list[str]:
+    """The decoders a live stream of this engine can use, the default first (the fast one where there is one)."""
+    return ["fast", "vae"] if engine.fast_decoder is not None else ["vae"]
+
+
+def check_start(serving: Serving, msg: dict) -> tuple[str, int, str]:
     if not isinstance(msg, dict) or msg.get("type") != "start":
         raise InputError("send {'type': 'start', 'prompt': ..., 'seed': ...} to start a stream")
     prompt = check_prompt(msg.get("prompt"), serving.limits)
     seed = check_seed(msg.get("seed", 0))
+    have = decoders(serving.engine)
+    decoder = check_choice(msg.get("decoder", have[0]), "decoder", have)
     tok = serving.engine.tokenizer
     if tok is not None:
         from engine.models.text import check_prompts
 
         check_prompts(tok, [prompt])
-    return prompt, seed
+    return prompt, seed, decoder
 
 
 def _authorised(conn) -> bool:
@@ -159,21 +166,22 @@ def routes(serving: Serving, hub: LiveHub):
         await ws.accept()
         cfg = serving.engine.config
         await ws.send_text(json.dumps({"type": "ready", "fps": int(cfg.fps), "height": cfg.height,
-                                       "width": cfg.width, "max_seconds": serving.limits.live_seconds}))
+                                       "width": cfg.width, "max_seconds": serving.limits.live_seconds,
+                                       "decoders": decoders(serving.engine)}))
         hub.sweep()
         mine: list[str] = []  # this socket's recordings: kept for cache_max_age after the page goes away
         try:
             while True:  # one stream at a time per socket; the page reuses its socket for the next Start
                 try:
                     msg = json.loads(await ws.receive_text())
-                    prompt, seed = check_start(serving, msg)
+                    prompt, seed, decoder = check_start(serving, msg)
                 except (InputError, ValueError) as e:  # JSONDecodeError is a ValueError
                     await ws.send_text(json.dumps({"type": "error", "message": str(e), "fatal": True}))
                     continue
                 if not await _wait_for_slot(hub, ws):
                     continue
                 try:
-                    if await _stream(serving, hub, ws, prompt, seed, mine) == "disconnected":
+                    if await _stream(serving, hub, ws, prompt, seed, decoder, mine) == "disconnected":
                         return
                 finally:
                     await hub.leave()
@@ -226,7 +234,7 @@ async def _wait_for_slot(hub: LiveHub, ws) -> bool:
     return True
 
 
-async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, mine: list[str]) -> str:
+async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, decoder: str, mine: list[str]) -> str:
     """Run one live stream on this socket until Stop, the server's limit, an error or a disconnect; returns why."""
     from starlette.websockets import WebSocketDisconnect
 
@@ -236,7 +244,7 @@ async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, mi
     def on_frames(block, frames):  # in the generating thread, during block `block`: hand over, never block it
         loop.call_soon_threadsafe(outbox.put_nowait, ("frames", block, frames, live.prompt))
 
-    live = serving.engine.live(prompt, seed=seed, lookahead_blocks=1, pace=True,
+    live = serving.engine.live(prompt, seed=seed, lookahead_blocks=1, pace=True, decoder=decoder,
                                max_seconds=limits.live_seconds, record=True, on_frames=on_frames)
     sid = uuid.uuid4().hex[:12]
     run = serving.runs_dir / f"live-{sid}"
@@ -302,7 +310,7 @@ async def _stream(serving: Serving, hub: LiveHub, ws, prompt: str, seed: int, mi
                     st = live.stats
                     await ws.send_text(json.dumps({"type": "block", "block": chunk.block, "stats": {
                         "fps": st["fps"], "realtime_factor": st["realtime_factor"], "block_p50": st["block_p50"],
-                        "seconds_video": st["seconds_video"], "recaches": st["recaches"]}}))
+                        "seconds_video": st["seconds_video"], "recaches": st["recaches"], "decoder": decoder}}))
             elif item[0] == "frames" and reason[0] != "disconnected":
                 _, block, frames, shown_prompt = item
                 await ws.send_text(json.dumps({"type": "frames", "block": block, "n": int(frames.shape[0]),
@@ -338,6 +346,7 @@ function show() {
   const s = info.stats || {};
   status.textContent = (info.state || 'Ready.') + (info.block !== undefined ? ` · block ${info.block}` : '') +
     (s.fps ? ` · ${s.fps.toFixed(1)} frames/s generated · ${s.realtime_factor.toFixed(2)}x real time` : '') +
+    (s.decoder ? ` · ${s.decoder} decoder` : '') +
     (info.prompt ? ` · prompt: ${info.prompt}` : '');
   $('.live-note').textContent = info.note || '';
 }
@@ -409,7 +418,9 @@ function start() {
   const L = window.liveStats; L.click = performance.now(); L.firstPaint = null; L.painted = 0; L.stalls = 0; L.gaps = [];
   running = true; queue = []; clock = null; info = {state: 'Starting…'}; show();
   $('.live-downloads').innerHTML = '';
-  send({type: 'start', prompt: $('.live-prompt').value, seed: Number($('.live-seed').value)});
+  const msg = {type: 'start', prompt: $('.live-prompt').value, seed: Number($('.live-seed').value)};
+  if ($('.live-decoder')) msg.decoder = $('.live-decoder').value;
+  send(msg);
 }
 $('.live-start').addEventListener('click', start);
 $('.live-stop').addEventListener('click', () => {
@@ -426,8 +437,14 @@ connect(); show(); lastRecording();
 """
 
 
-def live_html(prompt: str, width: int, height: int) -> str:
+def live_html(prompt: str, width: int, height: int, decoder_names: list[str]) -> str:
     import html
+
+    choose = ""
+    if len(decoder_names) > 1:  # the fast decoder first (the default): the full VAE is the slower, exact one
+        options = "".join(f'<option value="{d}">{ {"fast": "fast decoder", "vae": "full VAE"}[d]}</option>'
+                          for d in decoder_names)
+        choose = f'<label>decoder <select class="live-decoder" id="live-decoder">{options}</select></label>'
 
     return f"""
 <div class="live-box">
@@ -435,6 +452,7 @@ def live_html(prompt: str, width: int, height: int) -> str:
     <input class="live-prompt" id="live-prompt" type="text" value="{html.escape(prompt)}"
            aria-label="prompt (Enter applies it while the stream runs)">
     <label>seed <input class="live-seed" id="live-seed" type="number" value="0" min="0" step="1"></label>
+    {choose}
     <button class="live-start" id="live-start">Start</button>
     <button class="live-stop" id="live-stop">Stop</button>
     <button class="live-save" id="live-save">Record: save so far</button>
@@ -471,9 +489,10 @@ def warm_up(serving: Serving) -> float:
 
     t0 = time.perf_counter()
     prompts = example_prompts(serving.engine) or ["a red circle moving left"]
-    with serving.engine.live(prompts[0], seed=0, pace=False, record=False, max_blocks=1) as live:
-        for _ in live:
-            pass
+    for decoder in decoders(serving.engine):
+        with serving.engine.live(prompts[0], seed=0, pace=False, record=False, max_blocks=1, decoder=decoder) as live:
+            for _ in live:
+                pass
     return time.perf_counter() - t0
 
 
@@ -491,5 +510,6 @@ def build_tab(serving: Serving, demo) -> None:
     gr.Markdown("Frames are pushed to the page as they are decoded. While it runs, Enter in the prompt box applies "
                 f"a new prompt from the next block. At most {serving.limits.max_live_streams} live streams run at "
                 f"once (later ones wait in line), each up to {serving.limits.live_seconds:g} s of video.")
-    gr.HTML(live_html(examples[0] if examples else "", cfg.width, cfg.height), js_on_load=LIVE_JS,
+    gr.HTML(live_html(examples[0] if examples else "", cfg.width, cfg.height, decoders(serving.engine)),
+            js_on_load=LIVE_JS,
             elem_id="live")

@@ -10,6 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 import websocket
 
 from app.serving import Limits
@@ -197,3 +198,34 @@ def test_login_covers_the_live_socket():
             assert json.loads(ws.recv())["type"] == "ready"
         finally:
             ws.close()
+
+
+def test_decoder_choice_fast_by_default_where_the_checkpoint_has_one(app):
+    from engine.models.fast_decoder import FastVideoDecoder
+    from engine.pipeline import Engine
+
+    ws = connect(app)  # the tiny engine has no fast decoder: only the VAE is offered, "fast" is refused
+    try:
+        send(ws, type="start", prompt=PROMPT, seed=0, decoder="fast")
+        m = json.loads(ws.recv())
+        assert m["type"] == "error" and "decoder must be one of 'vae'" in m["message"], m
+    finally:
+        ws.close()
+    base = tiny_app_engine()
+    torch.manual_seed(0)
+    fast = FastVideoDecoder(latent_channels=base.vae.config.z_dim, channels=(8, 8, 6, 4), blocks_per_stage=2)
+    eng = Engine(base.transformer, base.vae, base.text_encoder, base.tokenizer, fast_decoder=fast,
+                 **base.config.__dict__)
+    with running_app(eng, Limits.for_engine(eng, live_seconds=2.0)) as a:
+        for decoder in (None, "vae"):
+            ws = websocket.create_connection(a.url.replace("http", "ws") + "live/ws", timeout=60)
+            try:
+                assert json.loads(ws.recv())["decoders"] == ["fast", "vae"]
+                send(ws, type="start", prompt=PROMPT, seed=2, **({} if decoder is None else {"decoder": decoder}))
+                frames, seen = frames_until_end(ws)
+            finally:
+                ws.close()
+            used = decoder or "fast"
+            assert next(m for m in seen if m["type"] == "block")["stats"]["decoder"] == used
+            ref = eng.live(PROMPT, seed=2, pace=False, record=False, max_blocks=1, decoder=used)
+            assert np.array_equal(np.concatenate(frames)[:9], next(iter(ref)).frames)
