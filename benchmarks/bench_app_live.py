@@ -152,6 +152,19 @@ def engine_group(engine, k: int, blocks: int, decoder: str | None = None) -> flo
     return frames / dt
 
 
+def engine_turns(engine, k: int, blocks: int, decoder: str | None = None) -> float:
+    """Frames/s of k LiveStreams iterated in turns, one block each (the server before LiveGroup)."""
+    streams = [engine.live(PROMPT, seed=i, pace=False, record=True, decoder=decoder) for i in range(k)]
+    t0, frames = time.perf_counter(), 0
+    for _ in range(blocks):
+        for s in streams:
+            frames += len(next(s).frames)
+    dt = time.perf_counter() - t0
+    for s in streams:
+        s.close()
+    return frames / dt
+
+
 def batched_vs_turns(engine, k: int, blocks: int, repeats: int = 3) -> dict:
     """Seconds for `blocks` blocks of k streams: in turns (k batch-1 streams, as the server runs them) against one
     batch-k forward (k prompts stacked; what a batched scheduler would do). Generation and decode, no server."""
@@ -256,6 +269,13 @@ def main(argv=None) -> dict:
             if not ok:
                 break
         info["concurrency"] = trials
+        info["group_vs_turns"] = []
+        for k in (2, 4):  # interleaved pairs, so a change of load hits both
+            pairs = [(engine_turns(engine, k, 6, decoder), engine_group(engine, k, 6, decoder)) for _ in range(2)]
+            t, g = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+            info["group_vs_turns"].append({"streams": k, "turns_fps": t, "group_fps": g, "ratio": g / t})
+            print(f"  {k} streams, no pacing: in turns {t:.1f} frames/s, LiveGroup {g:.1f} frames/s "
+                  f"({g / t:.2f}x)", flush=True)
         info["batching"] = [batched_vs_turns(engine, k, 6) for k in (2, 4)]
         for r in info["batching"]:
             print(f"  {r['streams']} streams x {r['blocks']} blocks: in turns {r['turns_s']:.2f} s, batched "
@@ -275,6 +295,9 @@ def main(argv=None) -> dict:
     print(f"| app / engine throughput, {s['streams']} streams | {s['app_fps']:.1f} / {s['engine_fps']:.1f} = "
           f"{s['ratio']:.2f} |")
     print(f"| concurrent live streams at real time ({fps} fps each) | {info['streams_at_real_time']} |")
+    for r in info["group_vs_turns"]:
+        print(f"| {r['streams']} streams: LiveGroup (batched decode) / turns, frames/s | {r['group_fps']:.1f} / "
+              f"{r['turns_fps']:.1f} = {r['ratio']:.2f}x |")
     for r in info["batching"]:
         print(f"| one batch-{r['streams']} forward / {r['streams']} streams in turns (generate + decode) | "
               f"{r['batched_over_turns']:.2f} |")
