@@ -31,6 +31,7 @@ from diffusers import AutoencoderKLWan
 
 from .models.causal_wan import CausalWanTransformer3DModel
 from .models.fast_decoder import FastVideoDecoder
+from .models.precision import bf16_matmul_is_native, float32_compute
 from .models.text import encode_prompts
 from .sampling.block_sampler import Conditioning, iter_blocks, num_renoise
 from .sampling.codec import (StreamingDecoder, StreamingFastDecoder, num_video_frames, spatial_compression,
@@ -336,7 +337,14 @@ class Engine:
         """Move every component; dtype applies to the transformer and text encoder (the VAE stays float32 on CPU)."""
         dev = _resolve_device(device) if device is not None else self.device
         dt = _resolve_dtype(dtype) if dtype is not None else self.dtype
+        if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{torch.cuda.get_device_name(dev)} cannot run bfloat16; accepted on this device: "
+                             "float32, float16")
         _cast(self.transformer, dev, dt)
+        if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16) and not bf16_matmul_is_native("cpu"):
+            # no bf16 / fp16 matmul hardware (AVX2 only): emulated products are ~5x slower than float32, so the
+            # weights stay half precision (memory) and the products run in float32 (benchmarks/RESULTS.md)
+            float32_compute(self.transformer)
         for codec in (self.vae, self.fast_decoder):
             if codec is not None:
                 _cast(codec, dev, dt if dev.type != "cpu" or dt == torch.float64 else torch.float32)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +63,16 @@ def test_float32_compute_keeps_state_and_upcasts(dtype):
         y_bf16 = tiny_transformer().to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16()).sample.float()
     err, err_bf16 = ((y - y_ref).norm() / y_ref.norm()).item(), ((y_bf16 - y_ref).norm() / y_ref.norm()).item()
     assert err < 2e-2 and err <= err_bf16 * 1.5
+
+
+def test_engine_in_bf16_on_a_cpu_without_bf16_hardware_computes_products_in_float32():
+    from engine.models.precision import bf16_matmul_is_native, is_float32_compute
+    from engine.testing import tiny_engine
+
+    eng = tiny_engine()
+    ref = eng.generate("a red circle moving left", num_frames=9, output_type="latent").latents
+    eng.to(dtype="bfloat16")
+    assert is_float32_compute(eng.transformer) == (not bf16_matmul_is_native("cpu"))
+    assert eng.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16  # weights stay half precision
+    out = eng.generate("a red circle moving left", num_frames=9, output_type="latent").latents.float()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2  # bf16 rounding of weights and activations
