@@ -410,9 +410,9 @@ class LiveGroup:
     Each round (`step`), every stream that pacing lets go computes its block (the transformer, stream after
     stream: their caches differ in fill and positions) and then all their blocks are decoded together, one
     batched VAE call per latent frame (`decode_together`): on this CPU the decoder is most of a block's time
-    and a batch of 4 costs about 1.4x a batch of 1. Streams due within `align_seconds` (default: one block of
-    video) join the round early, which keeps the viewers' blocks in phase so they batch; that look-ahead stays
-    within two blocks. Per stream the frames equal its own iteration up to float rounding of batched kernels.
+    and a batch of 4 costs about 1.4x a batch of 1. Streams due within `align_seconds` (default: half a block of
+    video) join the round early, which keeps the viewers' blocks in phase so they batch; with lookahead_blocks=1
+    a stream is then at most 1.5 blocks ahead of its viewer, so a prompt change is on screen within two blocks. Per stream the frames equal its own iteration up to float rounding of batched kernels.
     """
 
     def __init__(self, align_seconds: float | None = None):
@@ -428,7 +428,7 @@ class LiveGroup:
     def _align(self, s: LiveStream) -> float:
         if self.align_seconds is not None:
             return self.align_seconds
-        return s.tc * s.engine.config.num_frame_per_block / s.fps
+        return 0.5 * s.tc * s.engine.config.num_frame_per_block / s.fps  # half a block of video
 
     def next_due(self) -> float | None:
         """Seconds until a round would compute something (0: now); None without streams."""
