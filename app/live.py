@@ -378,6 +378,8 @@ function connect() {
   ws.onmessage = (ev) => {
     if (typeof ev.data !== 'string') {
       if (!running) return;  // the tail of a stopped stream: not shown (it is in the recording)
+      // frame 0 goes out alone, as soon as it exists; the clock of the rest starts when the next frames come
+      if (window.liveStats.painted === 1 && queue.length === 0) clock = null;
       const n = meta.height * meta.width, src = new Uint8Array(ev.data);
       for (let f = 0; f < meta.n; f++) {
         const img = ctx.createImageData(meta.width, meta.height), d = img.data;
