@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset-seed", type=int, default=12345, help="held-out clips (training used 1 and 1001)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="evaluator noise seeds")
     ap.add_argument("--limit", type=int, default=0, help="first N evaluator prompts (0: all 64)")
+    ap.add_argument("--speed-only", action="store_true", help="skip the PSNR and the evaluator")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -128,6 +129,12 @@ def main(argv=None) -> int:
     print(f"ratios (median of per-run ratios): end-to-end fps {sp['fps_ratio']:.2f}x (target >= 3), first frame "
           f"{sp['first_frame_ratio']:.2f}x sooner (target >= 2), decode {sp['decode_ratio']:.1f}x; fast path "
           f"{sp['fps_fast']:.0f} frames/s (target >= 200)")
+    if a.speed_only:
+        if a.json:
+            from engine.atomic import write_text
+
+            write_text(a.json, json.dumps({"speed": sp}, indent=2))
+        return 0
     fi = fidelity(eng, a.clips, a.dataset_seed)
     prompts = EVAL_PROMPTS[: a.limit] if a.limit else EVAL_PROMPTS
     rows, psnr_gen = scores(eng, prompts, a.seeds)

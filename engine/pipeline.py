@@ -575,7 +575,8 @@ class Engine:
     def live(self, prompt: str | None = None, *, seed: int = 0, timeline=None, **settings):
         """An open-ended LiveStream (engine/live.py). settings: EngineConfig fields (local_attn_frames,
         sink_frames, rope_positions, denoising_steps, ...) and LiveStream options (recache, lookahead_blocks,
-        pace, max_blocks, max_seconds, lock, record, decode, height, width, on_frames).
+        pace, max_blocks, max_seconds, lock, record, decode, decoder ("vae" | "fast"; default: the engine's),
+        height, width, on_frames).
 
         Without a window in the settings or the engine's config, the live default (LIVE_WINDOW_FRAMES latent
         frames with LIVE_SINK_FRAMES sinks) is used: a live stream never takes the unbounded, drifting path.

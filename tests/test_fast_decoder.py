@@ -180,6 +180,9 @@ def test_fast_decoder_stage_runs_and_resumes(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     rows = [json.loads(x) for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
+    cfg = load_config("tiny-fast-decoder", {"max_steps": 0, "cache_dir": str(tmp_path / "cache"),
+                                            "init": str(tmp_path / "whole" / "fast_decoder")})
+    assert train(cfg, str(tmp_path / "init"), log=lambda s: None)["psnr"] == pytest.approx(whole["psnr"], abs=1e-4)
     eng = tiny_engine()  # the product plugs into an engine directory and decodes
     path = eng.save_pretrained(tmp_path / "ckpt")
     import shutil

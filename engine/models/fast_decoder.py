@@ -153,8 +153,15 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
         x = latents.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, h, w)  # (B F, C, h, w)
         x = x.contiguous(memory_format=torch.channels_last)
         memory, k = list(state.memory), 0
-        for layer in self.decoder:
-            if isinstance(layer, MemBlock):
+        layers = list(self.decoder)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, TimeGrow) and isinstance(layers[i - 1], nn.Upsample):
+                continue  # ran before the upsampling, below
+            if isinstance(layer, nn.Upsample) and isinstance(layers[i + 1], TimeGrow):
+                # nearest upsampling commutes with a 1x1 convolution: grow time at the lower resolution (the same
+                # numbers, a quarter of the work)
+                x = layer(layers[i + 1](x))
+            elif isinstance(layer, MemBlock):
                 frames = x.view(B, -1, *x.shape[1:])  # (B, F', C, h', w')
                 last = memory[k] if memory[k] is not None else torch.zeros_like(frames[:, 0])
                 if B == 1:  # each frame's previous frame; 4D, so the memory layout stays channels-last

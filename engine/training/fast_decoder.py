@@ -80,6 +80,7 @@ class FastDecoderTrainConfig:
     seed: int = 0
     threads: int = 1                   # torch threads (0 = torch's default)
     ship_to: str | None = None         # an engine directory: also write the result to <ship_to>/fast_decoder
+    init: str | None = None            # start from these weights (a fast_decoder directory of the same architecture)
 
     def validate(self) -> None:
         def check(ok, key, expected):
@@ -158,12 +159,16 @@ def _make_shard(eng, kind: str, split: str, start: int, count: int, cfg: FastDec
     return {"latents": z.contiguous(), "video": video.contiguous()}
 
 
+def cache_path(cfg: FastDecoderTrainConfig, out: Path) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+
+
 def build_cache(cfg: FastDecoderTrainConfig, out: Path, log=print) -> Path:
-    """Write the missing shards (resumable); a cache built with other data settings is an error."""
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    """Write the missing shards (resumable; larger clip counts add shards); a cache built with another checkpoint,
+    data seed or shard size is an error."""
+    cache = cache_path(cfg, out)
     cache.mkdir(parents=True, exist_ok=True)
-    desc = {k: getattr(cfg, k) for k in ("checkpoint", "encoded_clips", "generated_clips", "eval_clips", "shard_size",
-                                         "data_seed")}
+    desc = {k: getattr(cfg, k) for k in ("checkpoint", "shard_size", "data_seed")}
     desc_file = cache / "description.json"
     if desc_file.is_file():
         old = json.loads(desc_file.read_text())
@@ -183,13 +188,14 @@ def build_cache(cfg: FastDecoderTrainConfig, out: Path, log=print) -> Path:
     return cache
 
 
-def read_cache(cache: Path, split: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{kind: {"latents", "video"}} of one split, shards concatenated in order."""
+def read_cache(cfg: FastDecoderTrainConfig, cache: Path, split: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{kind: {"latents", "video"}} of one split: the shards cfg plans, concatenated in order."""
     from safetensors.torch import load_file
 
     out = {}
     for kind in ("encoded", "generated"):
-        shards = [load_file(p) for p in sorted(cache.glob(f"{split}-{kind}-*.safetensors"))]
+        names = [p[0] for p in _shard_plan(cfg) if p[0].startswith(f"{split}-{kind}-")]
+        shards = [load_file(cache / n) for n in names]
         if shards:
             out[kind] = {k: torch.cat([s[k] for s in shards]) for k in ("latents", "video")}
     return out
@@ -286,7 +292,7 @@ def train(cfg: FastDecoderTrainConfig, output_dir: str, resume: bool = False, lo
     write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     t_cache = time.perf_counter()
     cache = build_cache(cfg, out, log)
-    train_data, held_out = read_cache(cache, "train"), read_cache(cache, "eval")
+    train_data, held_out = read_cache(cfg, cache, "train"), read_cache(cfg, cache, "eval")
     latents = torch.cat([d["latents"] for d in train_data.values()])  # (N, C, F, h, w)
     videos = torch.cat([d["video"] for d in train_data.values()])  # (N, 3, T, H, W) uint8
     log(f"cache: {len(latents)} training clips, {sum(len(d['latents']) for d in held_out.values())} held out "
@@ -303,8 +309,14 @@ def train(cfg: FastDecoderTrainConfig, output_dir: str, resume: bool = False, lo
         opt.load_state_dict(state["optim"])
         step, elapsed, total = state["step"], state["elapsed"], state["total_steps"]
         log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
-    elif resume:
-        log(f"note: --resume given but {out} holds no state.pt; starting from step 0")
+    else:
+        if resume:
+            log(f"note: --resume given but {out} holds no state.pt; starting from step 0")
+        if cfg.init:
+            from engine.pipeline import load_model_weights
+
+            load_model_weights(model, Path(cfg.init))
+            log(f"initialised from {cfg.init}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"fast decoder {n_params / 1e3:.0f}k parameters, channels {cfg.channels}, {cfg.blocks_per_stage} blocks per "
         f"stage; budget {cfg.minutes} min")
