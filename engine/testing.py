@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from .models.causal_wan import CausalWanTransformer3DModel
 from .models.text import build_word_tokenizer, tiny_umt5
@@ -40,3 +41,27 @@ def tiny_engine(seed: int = 0, **settings) -> Engine:
     defaults = dict(height=32, width=32, num_frames=21, text_max_length=16)
     defaults.update(settings)
     return Engine(tiny_transformer(seed), tiny_vae(seed), te.eval(), tok, **defaults)
+
+
+class MaskedSelfAttention(WanAttnProcessor):
+    """The parent WanTransformer3DModel's own attention processor with a fixed self-attention mask (the reference
+    the cached streaming paths are tested against: `parent.set_attn_processor(MaskedSelfAttention(mask))`)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None:
+            attention_mask = self.mask
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+def window_mask(num_frames: int, block: int, window: int, sink: int, tokens_per_frame: int) -> torch.Tensor:
+    """(L, L) token mask of a rolling KV window: a query frame sees its own block, the first `sink` frames and the
+    last (window - block - sink) frames before its block; `window` counts the query's own block."""
+    qb = torch.arange(num_frames) // block
+    start, f = qb * block, torch.arange(num_frames)
+    allowed = (qb[None, :] == qb[:, None]) | ((f[None, :] < start[:, None]) & (
+        (f[None, :] < sink) | (f[None, :] >= start[:, None] - (window - block - sink))))
+    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)

@@ -12,11 +12,12 @@ from diffusers import WanTransformer3DModel
 from engine import Engine, SamplerNoise
 from engine.models import CausalWanTransformer3DModel, KVCache
 from engine.models.convert import _RENAMES, convert, convert_state_dict
+from engine.models.rope import apply_rope, shift_frames
 from engine.models.text import build_word_tokenizer, encode_prompts, tiny_umt5
 from engine.sampling.block_sampler import Conditioning, _flow
 from engine.sampling.codec import StreamingDecoder, decode_full
 from engine.sampling.schedule import FewStepSchedule, FlowSchedule, add_noise, flow_to_x0, x0_to_flow
-from engine.testing import tiny_engine, tiny_transformer_config, tiny_vae
+from engine.testing import MaskedSelfAttention, tiny_engine, tiny_transformer_config, tiny_vae, window_mask
 from engine.video import read_video
 
 
@@ -121,6 +122,101 @@ def test_cache_keeps_sinks_and_latest_frames():
         KVCache(1, 1, max_frames=2, sink_frames=2)
     with pytest.raises(ValueError, match="does not fit"):
         cache.write(0, torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 1, 1))
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+@pytest.mark.parametrize("positions", ["absolute", "window"])
+@torch.no_grad()
+def test_rotated_key_cache_equals_parent_with_window_mask_after_eviction(pair, positions, differentiable):
+    """The cache stores keys rotated once; after evictions the window mode re-rotates the survivors by the shift.
+    Without sinks RoPE's relative distances make both position modes equal the parent with a window mask."""
+    parent, ours = pair
+    k, window, n_blocks, H = 2, 6, 6, 4  # 4 context frames + the block: evictions from block 3 on
+    nF, S = k * n_blocks, (H // 2) ** 2
+    x, c, _ = _inputs(B=1, F=nF, H=H, W=H, seed=3)
+    t = torch.tensor([420.0])
+    own = parent.attn_processors
+    parent.set_attn_processor(MaskedSelfAttention(window_mask(nF, k, window, 0, S)))
+    try:
+        full = parent(x, t, c).sample
+    finally:
+        parent.set_attn_processor(own)
+    cache = ours.make_cache(H, H, max_frames=window - k, positions=positions, differentiable=differentiable)
+    outs = []
+    for b in range(n_blocks):
+        xb = x[:, :, b * k:(b + 1) * k]
+        ours(xb, t.expand(1, k), c, kv_cache=cache)  # a denoising call: reads, writes nothing
+        outs.append(ours(xb, t.expand(1, k), c, kv_cache=cache, update_cache=True).sample)
+    assert cache.total_frames == nF and cache.num_frames == window - k
+    assert (torch.cat(outs, 2) - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_cached_keys_are_the_old_formula_rotation_at_key_positions(pair, differentiable):
+    """What the cache holds, after writes with evictions and sinks, is what the engine used to compute at every
+    call: the un-rotated keys of the held frames rotated to key_positions() (window and absolute modes)."""
+    _, ours = pair
+    H, S = 4, 4
+    g = torch.Generator().manual_seed(5)
+    for positions in ("window", "absolute"):
+        cache = ours.make_cache(H, H, max_frames=5, sink_frames=2, positions=positions, differentiable=differentiable)
+        raw = []  # un-rotated keys of every frame written, in time order
+        for step in range(7):
+            nf = 1 if step == 0 else 2  # a first write of one frame: the buffers grow at the next
+            u = torch.randn(1, nf * S, 2, 16, generator=g, dtype=torch.float64)
+            cos, sin = ours._rotary(cache.query_positions(nf), H // 2, H // 2, "cpu")
+            k_rot = apply_rope(u, cos, sin)
+            before = None if cache.get(0) is None else [t.clone() for t in cache.get(0)]
+            with torch.no_grad():
+                k_all, _ = cache.extend(0, k_rot, u)  # a read: held frames followed by the new ones
+            assert torch.equal(k_all[:, k_all.shape[1] - nf * S:], k_rot)
+            if before is not None:
+                assert all(torch.equal(a, b) for a, b in zip(before, cache.get(0)))  # nothing committed
+            cache.write(0, k_rot, u)
+            cache.advance(nf)
+            raw += list(u.split(S, dim=1))
+        held = [raw[f] for f in cache._frame_pos]  # the frames held, in slot order (absolute frame = write order)
+        cos, sin = ours._rotary(cache.key_positions(), H // 2, H // 2, "cpu")
+        want = apply_rope(torch.cat(held, 1), cos, sin)
+        got_k, got_v = cache.get(0)
+        assert cache._frame_pos == [0, 1, 10, 11, 12] and (got_v - torch.cat(held, 1)).abs().max() == 0
+        # equal up to the float32 rounding of Wan's cos / sin tables (the shift itself is float64)
+        assert (got_k - want).abs().max() <= 1e-6 * want.abs().max(), positions
+    # a rotation by p then by d is the rotation by p + d (what the re-index relies on)
+    u = torch.randn(1, S, 2, 16, generator=g, dtype=torch.float64)
+    at = lambda p: apply_rope(u, *ours._rotary(torch.tensor([p]), H // 2, H // 2, "cpu"))  # noqa: E731
+    err = (shift_frames(at(9), -4, ours.rope.t_dim) - at(5)).abs().max()
+    assert err <= 1e-6 * u.abs().max() and shift_frames(u, 0, ours.rope.t_dim) is u
+
+
+def test_gradients_reach_earlier_noise_through_rotated_evicted_cache():
+    """Differentiable mode, window positions, a sink and evictions: later blocks' outputs depend on the first
+    block's input through the cached (re-rotated) K/V, and autograd gets that derivative right (float64)."""
+    torch.manual_seed(0)
+    model = CausalWanTransformer3DModel(**tiny_transformer_config(num_layers=2)).eval().double()
+    k, n_blocks, H = 2, 4, 4
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, k * n_blocks, H, H, generator=g, dtype=torch.float64)
+    c = torch.randn(1, 5, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(1, 4, k, H, H, generator=g, dtype=torch.float64)
+    t = torch.full((1, k), 300.0, dtype=torch.float64)
+
+    def loss(x0_block):
+        cache = model.make_cache(H, H, max_frames=5, sink_frames=1, differentiable=True)
+        xs = torch.cat([x0_block, x[:, :, k:]], 2)
+        for b in range(n_blocks - 1):
+            model(xs[:, :, b * k:(b + 1) * k], t, c, kv_cache=cache, update_cache=True)
+        assert cache.total_frames == 6 and cache.num_frames == 5  # an eviction happened, the sink stayed
+        return (model(xs[:, :, -k:], t, c, kv_cache=cache).sample * w).sum()  # the last block only
+
+    x0 = x[:, :, :k].clone().requires_grad_(True)
+    loss(x0).backward()
+    assert x0.grad.abs().max() > 1e-6
+    d = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    eps = 1e-5
+    with torch.no_grad():
+        fd = (loss(x0 + eps * d) - loss(x0 - eps * d)) / (2 * eps)
+    assert abs(float(fd) - float((x0.grad * d).sum())) <= 1e-6 * max(1.0, abs(float(fd)))
 
 
 @torch.no_grad()

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from engine import SamplerNoise
 from engine.live import check_timeline, read_timeline
 from engine.models import CausalWanTransformer3DModel
 from engine.sampling.noise import block_noise
-from engine.testing import tiny_engine, tiny_transformer_config
+from engine.testing import MaskedSelfAttention, tiny_engine, tiny_transformer_config, window_mask
 from engine.video import read_video
 
 RED, BLUE = "a red circle moving left", "a blue square moving up"
@@ -115,19 +114,6 @@ def test_recache_equals_a_cache_built_under_the_new_prompt():
         live.close()
 
 
-class _MaskedSelfAttention(WanAttnProcessor):
-    """The parent's own attention processor with a fixed self-attention mask."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is None:
-            attention_mask = self.mask
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-
-
 @torch.no_grad()
 def test_absolute_positions_equal_parent_with_sink_and_window_mask():
     torch.manual_seed(0)
@@ -141,13 +127,7 @@ def test_absolute_positions_equal_parent_with_sink_and_window_mask():
     x, c = torch.randn(1, 4, nF, H, H, generator=g), torch.randn(1, 5, 32, generator=g)
     t = torch.tensor([350.0])
     # query frame q may see: its own block, the sinks, and the last (window - k - sink) frames before its block
-    qb = torch.arange(nF) // k
-    start = qb * k
-    f = torch.arange(nF)
-    allowed = (qb[None, :] == qb[:, None]) | ((f[None, :] < start[:, None]) & (
-        (f[None, :] < sink) | (f[None, :] >= start[:, None] - (window - k - sink))))
-    mask = allowed.repeat_interleave(S, 0).repeat_interleave(S, 1)  # (L, L) token mask
-    parent.set_attn_processor(_MaskedSelfAttention(mask))
+    parent.set_attn_processor(MaskedSelfAttention(window_mask(nF, k, window, sink, S)))
     full = parent(x, t, c).sample
     results = {}
     for mode in ("absolute", "window"):

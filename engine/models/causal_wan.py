@@ -8,7 +8,8 @@ load with `from_pretrained`. What it adds (all through keyword arguments of `for
 - block-causal attention over the full sequence (`num_frame_per_block`): frame f attends to every frame of
   its own block and of earlier blocks (training, teacher forcing);
 - incremental inference through an explicit `KVCache` (`kv_cache`, `update_cache`): the input frames attend
-  to the cached frames and to themselves; with `update_cache=True` their K/V are appended to the cache;
+  to the cached frames and to themselves; with `update_cache=True` their K/V are appended to the cache. Keys are
+  rotated once, when computed, and cached rotated: a call rotates only its own frames;
 - cross-attention K/V computed once per prompt and kept in the cache.
 
 Called exactly like its parent (no cache, no block size, (B,) timesteps) it computes what the parent computes.
@@ -20,21 +21,16 @@ D model width, N heads, Dh head dim.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F_
 from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .kv_cache import KVCache
-
-
-def _rope_1d(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (P, dim) for arbitrary integer positions, same formula as Wan's precomputed table."""
-    return get_1d_rotary_pos_embed(
-        dim, positions.to(torch.float64), theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
-    )
+from .rope import apply_rope, rope_1d
 
 
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -52,12 +48,10 @@ def _layer_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F_.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, L, N, Dh) by cos/sin (1, L, 1, Dh) (float64 tables)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, N, Dh/2) each
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+def _join_past(past: tuple[torch.Tensor, torch.Tensor] | None, k: torch.Tensor, v: torch.Tensor):
+    """Held (k, v) followed by the new ones; past: tensors taken from the cache before the call (a gradient
+    checkpoint's recompute must see the cache as it was, not as later blocks left it)."""
+    return (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
 
 
 class CausalWanTransformer3DModel(WanTransformer3DModel):
@@ -72,7 +66,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                    differentiable: bool = False, positions: str = "window") -> KVCache:
         """An empty KV cache for latents of this height and width (in latent pixels); positions: see KVCache."""
         return KVCache(len(self.blocks), self.tokens_per_frame(height, width), max_frames=max_frames,
-                       sink_frames=sink_frames, differentiable=differentiable, positions=positions)
+                       sink_frames=sink_frames, differentiable=differentiable, positions=positions,
+                       rope_t_dim=self.rope.t_dim)
 
     def _rotary(self, frame_pos: torch.Tensor, pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin (1, len(frame_pos) * pph * ppw, 1, Dh) for the given temporal positions (memoised)."""
@@ -87,7 +82,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     def _rotary_tables(self, frame_pos: torch.Tensor, pph: int, ppw: int, device):
         rope = self.rope
         ppf = frame_pos.numel()
-        cos_t, sin_t = _rope_1d(rope.t_dim, frame_pos.cpu())  # (ppf, t_dim)
+        cos_t, sin_t = rope_1d(rope.t_dim, frame_pos.cpu())  # (ppf, t_dim)
         cos_h, cos_w = rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1)[1:]
         sin_h, sin_w = rope.freqs_sin.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1)[1:]
 
@@ -98,6 +93,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             return torch.cat([t, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1).to(device)
 
         return grid(cos_t, cos_h, cos_w), grid(sin_t, sin_h, sin_w)
+
+    def _check_cache(self, cache: KVCache, tokens_per_frame: int) -> None:
+        if cache.tokens_per_frame != tokens_per_frame:
+            raise ValueError(f"the KV cache was made for {cache.tokens_per_frame} tokens per frame, the input has "
+                             f"{tokens_per_frame}: make it with make_cache(height, width, ...) of this input")
+        if cache.positions == "window" and cache.rope_t_dim != self.rope.t_dim:
+            raise ValueError(f"the KV cache re-indexes {cache.rope_t_dim} temporal RoPE channels, this model has "
+                             f"{self.rope.t_dim}: make it with the model's make_cache")
 
     def _time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype):
         """timestep (B, F) -> temb (B, F, D), timestep_proj (B, F, 6, D)."""
@@ -112,15 +115,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return temb.unflatten(0, (B, nF)), proj.unflatten(0, (B, nF)).unflatten(2, (6, -1))
 
     # -- attention ------------------------------------------------------------------------------------------
-    def _self_attention(self, attn, x, rope_q, rope_k, past, mask):
-        """x (B, L, D) -> (out (B, L, D), k_new, v_new) with K/V un-rotated (what the cache stores)."""
+    def _self_attention(self, attn, x, rope_q, join, mask):
+        """x (B, L, D) -> (out (B, L, D), k_new, v_new), k_new rotated to the query positions (what the cache
+        stores). join(k, v): the keys / values to attend to, the cached ones followed by these (None: these)."""
         q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, L, N, Dh)
         k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))
-        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
-        q = _apply_rope(q, *rope_q)
-        k_rot = _apply_rope(k_all, *rope_k)
-        out = dispatch_attention_fn(q, k_rot, v_all, attn_mask=mask, backend=attn.processor._attention_backend)
+        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_q)  # the new frames' keys sit at the query positions
+        k_all, v_all = (k, v) if join is None else join(k, v)  # (B, L_past + L, N, Dh)
+        out = dispatch_attention_fn(q, k_all, v_all, attn_mask=mask, backend=attn.processor._attention_backend)
         out = out.flatten(2, 3).type_as(q)  # (B, L, D)
         out = attn.to_out[1](attn.to_out[0](out))
         return out, k, v
@@ -137,7 +140,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         v = attn.to_v(context).unflatten(2, (attn.heads, -1))
         return k, v
 
-    def _block(self, block, x, e, n_groups, cross_kv, rope_q, rope_k, past, mask):
+    def _block(self, block, x, e, n_groups, cross_kv, rope_q, join, mask):
         """One transformer block; x (B, L, D), e (B, G, 6, D) modulation for G equal token groups (frames)."""
         mods = (block.scale_shift_table.unsqueeze(0) + _at_least_f32(e)).unbind(2)  # 6 x (B, G, D)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [m.unsqueeze(2) for m in mods]  # (B, G, 1, D)
@@ -149,7 +152,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             return (_at_least_f32(h).unflatten(1, (n_groups, -1)) + out.unflatten(1, (n_groups, -1)) * gate).flatten(1, 2)
 
         h = modulate(_layer_norm(block.norm1, x), shift_msa, scale_msa).type_as(x)
-        attn_out, k_new, v_new = self._self_attention(block.attn1, h, rope_q, rope_k, past, mask)
+        attn_out, k_new, v_new = self._self_attention(block.attn1, h, rope_q, join, mask)
         x = gated(x, attn_out, gate_msa).type_as(x)
 
         h = _layer_norm(block.norm2, x).type_as(x)
@@ -204,14 +207,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(f"timestep must be (B,) or (B, F) = ({B}, {nF}), got {tuple(timestep.shape)}")
 
         # positions: the cache's mode decides (kv_cache.py): re-indexed within the window, or absolute
-        n_past = kv_cache.num_frames if kv_cache is not None else 0
+        if kv_cache is not None:
+            self._check_cache(kv_cache, S)
         q_pos = kv_cache.query_positions(nF) if kv_cache is not None else torch.arange(nF) + frame_offset
         if kv_cache is not None and kv_cache.positions == "absolute" and int(q_pos[-1]) >= self.rope.max_seq_len:
             raise ValueError(f"rope_positions='absolute' covers {self.rope.max_seq_len} latent frames (Wan's RoPE "
                              f"table); frame {int(q_pos[-1])} is past it: use rope_positions='window' for longer "
                              f"streams")
-        rope_q = self._rotary(q_pos, pph, ppw, device)
-        rope_k = self._rotary(torch.cat([kv_cache.key_positions(), q_pos]), pph, ppw, device) if n_past else rope_q
+        rope_q = self._rotary(q_pos, pph, ppw, device)  # cached keys are stored rotated (kv_cache.py)
 
         mask = None
         if num_frame_per_block is not None:
@@ -236,8 +239,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                     kv_cache.cross[i] = cross
             else:
                 cross = kv_cache.cross[i]
-            past = kv_cache.get(i) if kv_cache is not None else None
-            args = (block, x, e, groups, cross, rope_q, rope_k, past, mask)
+            if kv_cache is None:
+                join = None
+            elif ckpt:  # the recompute in backward must see the cache as it is now
+                join = partial(_join_past, kv_cache.get(i))
+            else:  # in place without autograd: the new K/V go into the buffers' free slots, attention reads a view
+                join = partial(kv_cache.extend, i)
+            args = (block, x, e, groups, cross, rope_q, join, mask)
             if ckpt:
                 x, k_new, v_new = torch.utils.checkpoint.checkpoint(self._block, *args, use_reentrant=False)
             else:
