@@ -33,6 +33,7 @@ from .models.causal_wan import CausalWanTransformer3DModel
 from .models.fast_decoder import FastVideoDecoder
 from .models.precision import bf16_matmul_is_native, float32_compute
 from .models.text import encode_prompts
+from .models.vae_kernels import fast_wan_vae
 from .sampling.block_sampler import Conditioning, iter_blocks, num_renoise
 from .sampling.codec import (StreamingDecoder, StreamingFastDecoder, num_video_frames, spatial_compression,
                              temporal_compression)
@@ -284,7 +285,7 @@ class Engine:
         if not isinstance(transformer, CausalWanTransformer3DModel):
             raise ValueError(f"transformer must be a CausalWanTransformer3DModel, got {type(transformer).__name__}")
         self.transformer = transformer.eval()
-        self.vae = vae.eval()
+        self.vae = fast_wan_vae(vae.eval())  # faster CPU kernels for small Wan VAEs, same numbers (vae_kernels.py)
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.tokenizer = tokenizer
         if fast_decoder is not None:
