@@ -62,14 +62,20 @@ def worker(cfg: dict) -> dict:
                 peak_mb=peak - rss0, warmup_peak_mb=peak0 - rss0, rss0_mb=rss0)
 
 
-def run_config(cfg: dict) -> dict:
+def run_worker(script: str, cfg: dict, tree: Path = REPO) -> dict:
+    """`python script --worker cfg` in a fresh process importing `engine` from `tree`; its last stdout line (JSON).
+    MALLOC_MMAP_THRESHOLD_ makes freed tensors go back to the system at once (see the module docstring)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
-                       env=env, cwd=REPO)
+               PYTHONPATH=str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, script, "--worker", json.dumps(cfg)], capture_output=True, text=True,
+                       env=env, cwd=tree)
     if p.returncode:
         raise RuntimeError(f"worker {cfg} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_config(cfg: dict) -> dict:
+    return run_worker(__file__, cfg)
 
 
 def main() -> None:

@@ -115,6 +115,55 @@ def test_checkpointed_gradients_equal_plain_gradients(eng64, plain_grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("decoder_checkpoint, keep", [("frame", None), ("block", None), ("off", None),
+                                                      ("auto", 2), ("auto", 6)])
+def test_attack_gradient_path_equals_the_plain_backward(eng64, plain_grads, decoder_checkpoint, keep):
+    # what the loop runs (checkpointed transformer layers, the decoder's segments with the stream's last frames
+    # kept, torch.autograd.grad with respect to the noise alone, frozen weights) against the old formula: no
+    # checkpointing and loss.backward() with the weights requiring grad
+    cond = eng64.conditioning(PROMPT)
+    noise = eng64.make_noise(21, seed=5)
+    leaves = noise.leaves(("z0", "step"))
+    ckpt, segment, keep0 = AttackSettings(decoder_checkpoint=decoder_checkpoint).decoder_plan(3)
+    assert (ckpt, segment, keep0) == {"frame": (True, 1, 1), "auto": (True, 1, 1), "block": (True, None, 3),
+                                      "off": (False, None, 0)}[decoder_checkpoint]
+    params = [p for m in (eng64.transformer, eng64.vae) for p in m.parameters()]
+    eng64.transformer.gradient_checkpointing = True
+    stats = {}
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        frames, latents = render(eng64, cond, noise, checkpoint_decoder=ckpt, segment_frames=segment,
+                                 keep_frames=keep or keep0, stats=stats)
+        grads = torch.autograd.grad(frames.pow(2).mean() + latents.pow(3).mean(), leaves)
+    finally:
+        eng64.transformer.gradient_checkpointing = False
+        for p in params:
+            p.requires_grad_(True)
+    for a, b in zip(plain_grads, grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-15)
+    if ckpt:  # the kept frames are counted, with what they save for backward
+        assert stats["kept_frames"] == (keep or keep0) and stats["kept_bytes"] > 0
+
+
+def test_attack_loop_same_under_every_decoder_checkpoint_and_leaves_no_weight_grads():
+    e = tiny_engine()
+    results = {d: e.attack(PROMPT, seed=2, num_frames=21, steps=2, lr=0.1, learn=("z0", "step"),
+                           decoder_checkpoint=d) for d in ("frame", "block", "off", "auto")}
+    kept = {d: r.settings["decoder_kept_frames"] for d, r in results.items()}
+    assert kept == {"frame": 1, "block": 3, "off": 6, "auto": 6}  # a tiny decoder: auto keeps every frame
+    runs = {d: r.history for d, r in results.items()}
+    for d in ("block", "off", "auto"):
+        for a, b in zip(runs["frame"], runs[d]):
+            assert a["objective"] == pytest.approx(b["objective"], rel=1e-5)
+            assert (a["grad_norm"] is None) == (b["grad_norm"] is None)
+            if a["grad_norm"] is not None:
+                assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    params = [*e.transformer.parameters(), *e.vae.parameters(), *e.text_encoder.parameters()]
+    assert all(p.grad is None for p in params)
+    assert all(p.requires_grad for p in params)  # frozen during the loop only
+
+
 def test_detach_cache_cuts_only_the_paths_through_the_kv_cache(eng64, plain_grads):
     full, cut = plain_grads, _grads(eng64, ckpt=False, detach_cache=True)
     # the last block's noise never reaches the cache: identical gradients
@@ -339,6 +388,7 @@ def test_save_and_load_regenerates_the_attacked_video_exactly(eng, tmp_path):
     (dict(warmup=5, steps=3), "warmup"),
     (dict(grad_clip=0), "grad_clip"),
     (dict(typo_option=1), "unknown attack options"),
+    (dict(decoder_checkpoint="layer"), "unknown decoder_checkpoint"),
     (dict(num_frames=10), "not reachable"),
 ])
 def test_bad_input_fails_before_any_work(eng, kwargs, match):

@@ -10,14 +10,24 @@ What happens, once per iteration:
       -> Engine.stream(noise=..., decode=False)     # differentiable: KV cache in its non-in-place mode,
                                                      # per-layer checkpointing inside every transformer call
       -> CheckpointedDecoder.decode(block)           # causal VAE decode, checkpointed per latent frame
-      -> objective(video, latents) -> loss (+ ReNO chi-shell regulariser) -> backward
+      -> objective(video, latents) -> loss (+ ReNO chi-shell regulariser)
+      -> torch.autograd.grad(loss, learned noise)    # only the paths that reach the noise: no weight gradients
       -> Adam / SGD step or a PGD step, then projection onto the budget around the initial noise
 
 Memory. Without checkpointing, autograd keeps every activation of every transformer call (blocks x (steps + 1)
 calls) and of every decoder frame until the backward pass. With `checkpointing=True` (default) only the
 inputs of each transformer layer call and of each decoded latent frame are kept and the rest is recomputed
-during backward: one extra forward for a much smaller footprint (benchmarks/bench_attack.py measures it).
-What still grows with the stream is what the forward needs anyway: the KV cache and the per-call inputs.
+during backward: one extra forward for a much smaller footprint. The decoder's forward is most of an iteration's
+cost on a small model, so `decoder_checkpoint="auto"` (default) keeps the stream's last latent frames without a
+checkpoint (never recomputed) as far as what they save stays within the baseline generation's memory: all of them
+on the default model, a part on large ones; the last frame is never recomputed (its backward comes first, so
+recomputing it would save no peak memory). What still grows with the stream is what the forward needs anyway: the
+KV cache and the per-call inputs (benchmarks/bench_attack.py, benchmarks/bench_attack_cost.py measure it).
+
+Cost. The engine's weights are frozen (requires_grad off) for the duration of the loop and the gradient is taken
+with `torch.autograd.grad` with respect to the learned noise alone: no backward node computes a weight gradient,
+no parameter accumulates a `.grad` (as much memory as the weights), and the forward saves only what the noise's
+gradient needs (a linear or convolution layer with a frozen weight keeps nothing of its input).
 
 Gradient paths through the KV cache. Later blocks attend to earlier blocks' cached K/V, so the loss on a late
 frame reaches early noise through the cache as well as directly. `detach_cache=True` cuts those paths (faster;
@@ -35,6 +45,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -54,6 +65,7 @@ from .result import AttackResult
 OPTIMIZERS = ("adam", "sgd", "pgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 LEARNABLE = ("z0", "step")
+DECODER_CHECKPOINTS = ("auto", "frame", "block", "off")
 DEFAULT_START_SCALE = 0.05  # random-start radius (noise std units) when the budget has no eps
 
 
@@ -87,7 +99,14 @@ class AttackSettings:
     patience / min_delta: stop after ``patience`` iterations without the best loss improving by ``min_delta``.
     stop_value: stop once the objective reaches this value (>= when maximising, <= when minimising).
     detach_cache: cut the gradient paths from later blocks through the KV cache to earlier noise.
-    checkpointing: activation checkpointing per transformer layer call and per decoded latent frame.
+    checkpointing: activation checkpointing per transformer layer call and in the VAE decoder.
+    decoder_checkpoint: the decoder's checkpoint segments when ``checkpointing`` is on. ``frame``: one latent
+        frame each (the least memory; the stream's last frame is never recomputed). ``block``: one generated
+        block each (the last block not recomputed). ``off``: the decoder keeps its activations (no recompute,
+        the most memory). ``auto`` (default): per latent frame, but the stream's last frames are kept without
+        a checkpoint as far as what they save for backward stays within the memory of the baseline generation
+        (the attack's peak then stays within about 3x of it), sized in the first iteration; on the default
+        model that is every frame.
     """
 
     steps: int = 20
@@ -106,6 +125,7 @@ class AttackSettings:
     stop_value: float | None = None
     detach_cache: bool = False
     checkpointing: bool = True
+    decoder_checkpoint: str = "auto"
 
     def __post_init__(self):
         if not _is_int(self.steps) or self.steps <= 0:
@@ -149,6 +169,18 @@ class AttackSettings:
         for name in ("detach_cache", "checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.decoder_checkpoint not in DECODER_CHECKPOINTS:
+            raise ValueError(f"unknown decoder_checkpoint {self.decoder_checkpoint!r}; accepted: "
+                             f"{', '.join(DECODER_CHECKPOINTS)}")
+
+    def decoder_plan(self, block_frames: int) -> tuple[bool, int | None, int]:
+        """render()'s (checkpoint_decoder, segment_frames, keep_frames) for the first iteration; "auto" widens
+        keep_frames after it (attack)."""
+        if not self.checkpointing or self.decoder_checkpoint == "off":
+            return False, None, 0
+        if self.decoder_checkpoint == "block":
+            return True, None, block_frames
+        return True, 1, 1
 
     def lr_at(self, iteration: int) -> float:
         """Learning rate of iteration 0 .. steps - 1: linear warm-up, then the schedule down from lr."""
@@ -232,6 +264,10 @@ class CheckpointedDecoder:
     segment_frames: latent frames per checkpointed segment; None = the whole `decode` call (one block). Memory
     kept per segment: its input latents and the cache tensors at its start; recomputed during backward: one
     segment's activations at a time. Smaller segments store more cache snapshots and recompute less at once.
+
+    Segments that `decode(..., keep=)` names run without a checkpoint (no recompute); what autograd saves for them
+    is counted in `kept_bytes` / `kept_frames` (latent frames), the measure `attack` sizes decoder_checkpoint="auto"
+    with.
     """
 
     def __init__(self, vae, checkpoint: bool = True, segment_frames: int | None = None):
@@ -246,6 +282,20 @@ class CheckpointedDecoder:
         self.segment_frames = segment_frames
         self.cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self.first = True
+        self.kept_bytes, self.kept_frames = 0, 0
+
+    def _count_saved(self):
+        """A saved_tensors_hooks context that adds the bytes autograd saves (each storage once, weights not) to
+        kept_bytes."""
+        seen = {p.untyped_storage().data_ptr() for p in self.vae.parameters()}
+
+        def pack(t: torch.Tensor):
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                self.kept_bytes += s.nbytes()
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     def _segment(self, statics: list, tensor_idx: list[int], first: bool, out_layout: dict):
         def run(x: torch.Tensor, *tensors: torch.Tensor):
@@ -262,21 +312,35 @@ class CheckpointedDecoder:
             return (torch.cat(frames, dim=2), *(cache[i] for i in out_layout["tensor_idx"]))
         return run
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (B, C, F, h, w), normalised -> video (B, 3, T, H, W) in [-1, 1] for these frames."""
+    def decode(self, latents: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """latents (B, C, F, h, w), normalised -> video (B, 3, T, H, W) in [-1, 1] for these frames.
+
+        keep: the segments that lie within the last `keep` latent frames of this call are not checkpointed (for the
+        stream's last frames: the backward pass starts there, so their recompute would cost time and, for the last
+        segment, save no peak memory).
+        """
         vae = self.vae
         mean, std = latent_stats(vae, latents.device, vae.dtype)
         x = vae.post_quant_conv(latents.to(vae.dtype) * std + mean)  # pointwise in time: (B, C, F, h, w)
-        use_ckpt = self.checkpoint and torch.is_grad_enabled()
-        step = self.segment_frames or x.shape[2]
+        n = x.shape[2]
+        step = self.segment_frames or n
         outs = []
-        for i in range(0, x.shape[2], step):
+        for i in range(0, n, step):
+            kept = i >= n - keep
+            use_ckpt = self.checkpoint and torch.is_grad_enabled() and not kept
             tensor_idx = [j for j, e in enumerate(self.cache) if torch.is_tensor(e)]
             statics = [None if torch.is_tensor(e) else e for e in self.cache]
             layout: dict = {}
             run = self._segment(statics, tensor_idx, self.first, layout)
             args = (x[:, :, i : i + step], *(self.cache[j] for j in tensor_idx))
-            out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False) if use_ckpt else run(*args)
+            if use_ckpt:
+                out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+            elif kept and torch.is_grad_enabled():
+                with self._count_saved():
+                    out = run(*args)
+                self.kept_frames += min(step, n - i)
+            else:
+                out = run(*args)
             self.cache = list(layout["statics"])
             for j, t in zip(layout["tensor_idx"], out[1:]):
                 self.cache[j] = t
@@ -286,12 +350,14 @@ class CheckpointedDecoder:
 
 
 def render(engine, cond: Conditioning, noise: SamplerNoise, *, decode: bool = True, detach_cache: bool = False,
-           checkpoint_decoder: bool = True, segment_frames: int | None = None,
-           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+           checkpoint_decoder: bool = True, segment_frames: int | None = None, keep_frames: int = 0,
+           stats: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The sampler + decoder forward an attack differentiates: (frames (T, H, W, 3) in [0, 1] or None, latents).
 
     Runs Engine.stream (differentiable when the noise requires grad) without its own decoder and decodes each
-    block with a CheckpointedDecoder. Transformer checkpointing is the model's ``gradient_checkpointing`` flag.
+    block with a CheckpointedDecoder (segments of `segment_frames` latent frames; those within the stream's last
+    `keep_frames` latent frames are not checkpointed). Transformer checkpointing is the model's
+    ``gradient_checkpointing`` flag. stats: if given, receives the decoder's ``kept_bytes`` / ``kept_frames``.
     """
     decoder = CheckpointedDecoder(engine.vae, checkpoint=checkpoint_decoder, segment_frames=segment_frames) \
         if decode else None
@@ -300,7 +366,12 @@ def render(engine, cond: Conditioning, noise: SamplerNoise, *, decode: bool = Tr
                                output_type="pt", detach_cache=detach_cache, decode=False):
         latents.append(chunk.latents)
         if decoder is not None:
-            video.append(decoder.decode(chunk.latents))  # (B, 3, T_b, H, W)
+            # how many of this block's latent frames lie within the stream's last keep_frames
+            k = chunk.latents.shape[2]
+            keep = max(0, min(k, keep_frames - (chunk.num_blocks - 1 - chunk.block) * k))
+            video.append(decoder.decode(chunk.latents, keep=keep))  # (B, 3, T_b, H, W)
+    if stats is not None and decoder is not None:
+        stats.update(kept_bytes=decoder.kept_bytes, kept_frames=decoder.kept_frames)
     lat = torch.cat(latents, dim=2)  # (B, C, F, h, w)
     if decoder is None:
         return None, lat
@@ -310,6 +381,18 @@ def render(engine, cond: Conditioning, noise: SamplerNoise, *, decode: bool = Tr
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+def _memory_in_use(device: torch.device) -> int | None:
+    """Bytes in use after a generation, the budget of decoder_checkpoint="auto": the peak allocated since the
+    last reset on CUDA, the process's resident memory on a CPU (Linux /proc); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _leaf_names(noise: SamplerNoise, learn: tuple) -> list[str]:
     names = ["z0"] if "z0" in learn else []
     if "step" in learn:
@@ -427,8 +510,11 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
         else:
             initial = noise.detach().to(engine.device)
         initial.prompt = prompt
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
         base = engine.generate(prompt_embeds=cond.cond, negative_prompt_embeds=cond.uncond, noise=initial,
                                output_type="pt")
+        generation_bytes = _memory_in_use(engine.device)
     if isinstance(obj, Untargeted) and obj.baseline is None:
         obj.set_baseline(base.frames, base.latents)
     with torch.no_grad():
@@ -470,9 +556,16 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
             return improved
         return False
 
+    ckpt_decoder, segment, keep = settings.decoder_plan(engine.config.num_frame_per_block)
+    auto_keep = settings.checkpointing and settings.decoder_checkpoint == "auto" and generation_bytes is not None
     transformer = engine.transformer
     saved_ckpt = getattr(transformer, "gradient_checkpointing", False)
     transformer.gradient_checkpointing = settings.checkpointing
+    # frozen weights: the forward then saves only what the noise's gradient needs (restored below)
+    frozen = [p for m in (transformer, engine.vae, engine.text_encoder, engine.fast_decoder) if m is not None
+              for p in m.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -484,8 +577,14 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
             lr_now = settings.lr_at(it)
             for z in leaves:
                 z.grad = None
-            frames, latents = render(engine, cond, work, decode=obj.needs_pixels,
-                                     detach_cache=settings.detach_cache, checkpoint_decoder=settings.checkpointing)
+            kept: dict = {}
+            frames, latents = render(engine, cond, work, decode=obj.needs_pixels, detach_cache=settings.detach_cache,
+                                     checkpoint_decoder=ckpt_decoder, segment_frames=segment, keep_frames=keep,
+                                     stats=kept)
+            if auto_keep and kept.get("kept_frames"):  # keep as many trailing frames as the budget holds
+                per_frame = kept["kept_bytes"] / kept["kept_frames"]
+                keep = max(keep, min(latents.shape[2], int(generation_bytes // max(per_frame, 1.0))))
+                auto_keep = False
             value = obj(video=frames, latents=latents)
             reg = regularizer()
             loss = obj.loss(value) + reg
@@ -494,8 +593,11 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
                 stop_reason = f"non-finite objective value ({float(value.detach())}) at iteration {it}"
                 warnings.warn(f"attack stopped: {stop_reason}; keeping the best point so far", RuntimeWarning)
                 break
-            loss.backward()
-            grads = [z.grad if z.grad is not None else torch.zeros_like(z) for z in leaves]
+            # the learned noise's gradient alone (an objective may hold parameters of its own)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            grads = [torch.zeros_like(z) if g is None else g for z, g in zip(leaves, grads)]
+            for z, g in zip(leaves, grads):
+                z.grad = g
             gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
             entry = {"iteration": it, "objective": float(value.detach()), "loss": float(loss.detach()),
                      "regularizer": float(reg.detach()), "grad_norm": gnorm, **_point_stats(work, leaves, inits),
@@ -542,6 +644,8 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
                 break
     finally:
         transformer.gradient_checkpointing = saved_ckpt
+        for p in frozen:
+            p.requires_grad_(True)
         if bar is not None:
             bar.close()
 
@@ -581,7 +685,9 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
         baseline_latents=base.latents.detach(), attacked_latents=att_latents.detach(), history=history,
         best_iteration=best["iteration"], best_value=best["value"], baseline_value=baseline_value,
         objective={"name": obj.name, "maximize": obj.maximize, "space": obj.space},
-        budget=dataclasses.asdict(budget), settings=dataclasses.asdict(settings) | {"random_start": random_start},
+        budget=dataclasses.asdict(budget),
+        settings=dataclasses.asdict(settings) | {"random_start": random_start, "decoder_kept_frames":
+                                                  keep if ckpt_decoder else initial.shape[2]},
         gaussianity={n: gaussianity(z) for n, z in zip(names, learned)},
         gaussianity_initial={n: gaussianity(z) for n, z in zip(names, _noise_tensors(initial, names))},
         stop_reason=stop_reason, seconds=time.perf_counter() - t_start, fps=engine.config.fps,

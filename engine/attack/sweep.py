@@ -125,7 +125,8 @@ def _locked(path: Path):
 
 
 def _describe(args, kwargs: dict) -> dict:
-    """What must match for a resumed sweep to add comparable items (not the item list, not the shard)."""
+    """What must match for a resumed sweep to add comparable items (not the item list, not the shard, not the
+    decoder's checkpoint segments: they change the cost, not the results)."""
     def plain(v):
         if hasattr(v, "shape"):  # a target or mask tensor: record shape and a digest
             t = v.detach().cpu().contiguous()
@@ -134,7 +135,7 @@ def _describe(args, kwargs: dict) -> dict:
 
     return _json_safe({
         "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else "default",
-        "dtype": args.dtype, "attack": {k: plain(v) for k, v in sorted(kwargs.items())},
+        "dtype": args.dtype, "attack": {k: plain(v) for k, v in sorted(kwargs.items()) if k != "decoder_checkpoint"},
         "target_file": args.target,
     })
 
