@@ -149,9 +149,12 @@ def test_attack_gradient_path_equals_the_plain_backward(eng64, plain_grads, deco
 def test_attack_loop_same_under_every_decoder_checkpoint_and_leaves_no_weight_grads():
     e = tiny_engine()
     results = {d: e.attack(PROMPT, seed=2, num_frames=21, steps=2, lr=0.1, learn=("z0", "step"),
-                           decoder_checkpoint=d) for d in ("frame", "block", "off", "auto")}
+                           decoder_checkpoint=d, transformer_checkpoint="auto" if d == "auto" else "layer")
+               for d in ("frame", "block", "off", "auto")}
     kept = {d: r.settings["decoder_kept_frames"] for d, r in results.items()}
     assert kept == {"frame": 1, "block": 3, "off": 6, "auto": 6}  # a tiny decoder: auto keeps every frame
+    # and a tiny transformer: auto does not checkpoint it either
+    assert [r.settings["transformer_checkpointed"] for r in results.values()] == [True, True, True, False]
     runs = {d: r.history for d, r in results.items()}
     for d in ("block", "off", "auto"):
         for a, b in zip(runs["frame"], runs[d]):
@@ -162,6 +165,22 @@ def test_attack_loop_same_under_every_decoder_checkpoint_and_leaves_no_weight_gr
     params = [*e.transformer.parameters(), *e.vae.parameters(), *e.text_encoder.parameters()]
     assert all(p.grad is None for p in params)
     assert all(p.requires_grad for p in params)  # frozen during the loop only
+
+
+@pytest.mark.parametrize("settings", [{}, dict(local_attn_frames=6), dict(guidance_scale=3.0)])
+def test_transformer_saved_bytes_is_an_upper_estimate(settings):
+    from engine.attack.optimize import _transformer_saved_bytes, count_saved
+
+    e = tiny_engine().with_settings(**settings)
+    e.transformer.requires_grad_(False)
+    cond = e.conditioning(PROMPT)
+    noise = e.make_noise(21, seed=0)
+    noise.leaves(("z0",))
+    measured = [0]
+    with count_saved(e.transformer, lambda n: measured.__setitem__(0, measured[0] + n)):
+        render(e, cond, noise, decode=False)
+    est = _transformer_saved_bytes(e, cond, noise)
+    assert measured[0] <= est <= 3 * measured[0]
 
 
 def test_detach_cache_cuts_only_the_paths_through_the_kv_cache(eng64, plain_grads):
@@ -389,6 +408,7 @@ def test_save_and_load_regenerates_the_attacked_video_exactly(eng, tmp_path):
     (dict(grad_clip=0), "grad_clip"),
     (dict(typo_option=1), "unknown attack options"),
     (dict(decoder_checkpoint="layer"), "unknown decoder_checkpoint"),
+    (dict(transformer_checkpoint="block"), "unknown transformer_checkpoint"),
     (dict(num_frames=10), "not reachable"),
 ])
 def test_bad_input_fails_before_any_work(eng, kwargs, match):

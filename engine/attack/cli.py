@@ -16,8 +16,8 @@ import torch
 
 from ..sampling.noise import MODES
 from .budget import KINDS
-from .optimize import (DECODER_CHECKPOINTS, LR_SCHEDULES, OPTIMIZERS, AttackSettings, check_attack, resolve_budget,
-                       resolve_objective)
+from .optimize import (DECODER_CHECKPOINTS, LR_SCHEDULES, OPTIMIZERS, TRANSFORMER_CHECKPOINTS, AttackSettings,
+                       check_attack, resolve_budget, resolve_objective)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -77,9 +77,13 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
                    help="cut gradient paths through the KV cache (faster, partial gradients for early blocks)")
     g.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep all activations (faster, much more memory)")
-    g.add_argument("--decoder-checkpoint", default="frame", choices=list(DECODER_CHECKPOINTS),
+    g.add_argument("--transformer-checkpoint", default="auto", choices=list(TRANSFORMER_CHECKPOINTS),
+                   help="under checkpointing: every transformer layer call, off, or auto (off when its activations "
+                        "fit within half the generation's memory)")
+    g.add_argument("--decoder-checkpoint", default="auto", choices=list(DECODER_CHECKPOINTS),
                    help="VAE decoder checkpoint segments under checkpointing: one latent frame (least memory), "
-                        "one block, or off (no recompute, most memory)")
+                        "one block, off (no recompute, most memory), or auto (the last frames kept as far as "
+                        "the generation's memory allows)")
 
     g = p.add_argument_group("output")
     g.add_argument("--no-videos", action="store_true", help="do not write baseline.mp4 / attacked.mp4")
@@ -109,7 +113,7 @@ def settings_from_args(args) -> dict:
                     step_noise_mode=args.step_noise, random_start=args.random_start, start_scale=args.start_scale,
                     patience=args.patience, min_delta=args.min_delta, stop_value=args.stop_value,
                     detach_cache=args.detach_cache, checkpointing=args.checkpointing,
-                    decoder_checkpoint=args.decoder_checkpoint)
+                    transformer_checkpoint=args.transformer_checkpoint, decoder_checkpoint=args.decoder_checkpoint)
     s = AttackSettings(**settings)
     settings["learn"] = s.learn
     return settings

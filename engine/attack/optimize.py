@@ -66,6 +66,7 @@ OPTIMIZERS = ("adam", "sgd", "pgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 LEARNABLE = ("z0", "step")
 DECODER_CHECKPOINTS = ("auto", "frame", "block", "off")
+TRANSFORMER_CHECKPOINTS = ("auto", "layer", "off")
 DEFAULT_START_SCALE = 0.05  # random-start radius (noise std units) when the budget has no eps
 
 
@@ -99,14 +100,18 @@ class AttackSettings:
     patience / min_delta: stop after ``patience`` iterations without the best loss improving by ``min_delta``.
     stop_value: stop once the objective reaches this value (>= when maximising, <= when minimising).
     detach_cache: cut the gradient paths from later blocks through the KV cache to earlier noise.
-    checkpointing: activation checkpointing per transformer layer call and in the VAE decoder.
+    checkpointing: activation checkpointing in the transformer and the VAE decoder (False: neither).
+    transformer_checkpoint: with ``checkpointing``: ``layer`` (every transformer layer call, recomputed during
+        backward), ``off``, or ``auto`` (default): ``off`` when what the rollout's transformer calls would keep for
+        backward (estimated from one probe call, see `_transformer_saved_bytes`) is within half the baseline
+        generation's memory, else ``layer``; the default model's small transformer is then never recomputed.
     decoder_checkpoint: the decoder's checkpoint segments when ``checkpointing`` is on. ``frame``: one latent
         frame each (the least memory; the stream's last frame is never recomputed). ``block``: one generated
         block each (the last block not recomputed). ``off``: the decoder keeps its activations (no recompute,
         the most memory). ``auto`` (default): per latent frame, but the stream's last frames are kept without
         a checkpoint as far as what they save for backward stays within the memory of the baseline generation
-        (the attack's peak then stays within about 3x of it), sized in the first iteration; on the default
-        model that is every frame.
+        (less what the transformer keeps, see transformer_checkpoint; the attack's peak then stays within about
+        3x of it), sized in the first iteration; on the default model that is every frame.
     """
 
     steps: int = 20
@@ -125,6 +130,7 @@ class AttackSettings:
     stop_value: float | None = None
     detach_cache: bool = False
     checkpointing: bool = True
+    transformer_checkpoint: str = "auto"
     decoder_checkpoint: str = "auto"
 
     def __post_init__(self):
@@ -172,6 +178,9 @@ class AttackSettings:
         if self.decoder_checkpoint not in DECODER_CHECKPOINTS:
             raise ValueError(f"unknown decoder_checkpoint {self.decoder_checkpoint!r}; accepted: "
                              f"{', '.join(DECODER_CHECKPOINTS)}")
+        if self.transformer_checkpoint not in TRANSFORMER_CHECKPOINTS:
+            raise ValueError(f"unknown transformer_checkpoint {self.transformer_checkpoint!r}; accepted: "
+                             f"{', '.join(TRANSFORMER_CHECKPOINTS)}")
 
     def decoder_plan(self, block_frames: int) -> tuple[bool, int | None, int]:
         """render()'s (checkpoint_decoder, segment_frames, keep_frames) for the first iteration; "auto" widens
@@ -246,6 +255,20 @@ def resolve_budget(budget) -> Budget:
 
 
 # ---------------------------------------------------------------------------------------- differentiable decode
+def count_saved(module: torch.nn.Module, add: Callable[[int], None]):
+    """A saved_tensors_hooks context that calls add(nbytes) for each storage autograd saves for backward inside it
+    (each storage once; the module's weights not): what that forward keeps alive until its backward."""
+    seen = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            add(s.nbytes())
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
 class CheckpointedDecoder:
     """Streaming Wan VAE decode that back-propagates, with activation checkpointing per decoded block.
 
@@ -284,18 +307,8 @@ class CheckpointedDecoder:
         self.first = True
         self.kept_bytes, self.kept_frames = 0, 0
 
-    def _count_saved(self):
-        """A saved_tensors_hooks context that adds the bytes autograd saves (each storage once, weights not) to
-        kept_bytes."""
-        seen = {p.untyped_storage().data_ptr() for p in self.vae.parameters()}
-
-        def pack(t: torch.Tensor):
-            s = t.untyped_storage()
-            if s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                self.kept_bytes += s.nbytes()
-            return t
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    def _add_kept(self, nbytes: int) -> None:
+        self.kept_bytes += nbytes
 
     def _segment(self, statics: list, tensor_idx: list[int], first: bool, out_layout: dict):
         def run(x: torch.Tensor, *tensors: torch.Tensor):
@@ -336,7 +349,7 @@ class CheckpointedDecoder:
             if use_ckpt:
                 out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
             elif kept and torch.is_grad_enabled():
-                with self._count_saved():
+                with count_saved(self.vae, self._add_kept):
                     out = run(*args)
                 self.kept_frames += min(step, n - i)
             else:
@@ -381,6 +394,30 @@ def render(engine, cond: Conditioning, noise: SamplerNoise, *, decode: bool = Tr
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+def _transformer_saved_bytes(engine, cond: Conditioning, noise: SamplerNoise) -> float:
+    """An upper estimate of what the transformer calls of one differentiable rollout keep for backward without
+    checkpointing, from one probe call (the first block at the first step, attending to itself) measured with
+    count_saved. A call attending to a cached context of c frames is counted (c + k) / k times the probe (k frames
+    per block): only the attention's K/V grow with the context, so this overestimates; the cache window and
+    classifier-free guidance (two calls per step) are taken into account."""
+    tr, c, k = engine.transformer, engine.config, engine.config.num_frame_per_block
+    x = noise.z0[:, :, :k].detach().to(tr.dtype).requires_grad_(True)  # (B, C, k, h, w)
+    t = torch.full((x.shape[0], k), float(engine.schedule.timesteps[0]), device=x.device)
+    total = [0]
+    saved = tr.gradient_checkpointing
+    try:
+        tr.gradient_checkpointing = False
+        with torch.enable_grad(), count_saved(tr, lambda n: total.__setitem__(0, total[0] + n)):
+            tr(x, t, cond.cond.to(tr.dtype))
+    finally:
+        tr.gradient_checkpointing = saved
+    n_blocks = noise.shape[2] // k
+    window = noise.shape[2] if c.local_attn_frames is None else c.local_attn_frames
+    calls = len(engine.schedule.timesteps)
+    est = sum((calls + (b + 1 < n_blocks)) * min(window, (b + 1) * k) / k for b in range(n_blocks))
+    return est * total[0] * (2 if cond.uses_cfg else 1)
+
+
 def _memory_in_use(device: torch.device) -> int | None:
     """Bytes in use after a generation, the budget of decoder_checkpoint="auto": the peak allocated since the
     last reset on CUDA, the process's resident memory on a CPU (Linux /proc); None where it cannot be read."""
@@ -558,20 +595,26 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
 
     ckpt_decoder, segment, keep = settings.decoder_plan(engine.config.num_frame_per_block)
     auto_keep = settings.checkpointing and settings.decoder_checkpoint == "auto" and generation_bytes is not None
+    memory_left = generation_bytes  # what may run without a checkpoint under the auto settings
     transformer = engine.transformer
     saved_ckpt = getattr(transformer, "gradient_checkpointing", False)
-    transformer.gradient_checkpointing = settings.checkpointing
     # frozen weights: the forward then saves only what the noise's gradient needs (restored below)
     frozen = [p for m in (transformer, engine.vae, engine.text_encoder, engine.fast_decoder) if m is not None
               for p in m.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=settings.steps, desc="attack", unit="it", leave=False)
     try:
+        ckpt_transformer = settings.checkpointing and settings.transformer_checkpoint != "off"
+        if ckpt_transformer and settings.transformer_checkpoint == "auto" and generation_bytes is not None:
+            need = _transformer_saved_bytes(engine, cond, work)
+            if need <= generation_bytes / 2:
+                ckpt_transformer, memory_left = False, generation_bytes - need
+        transformer.gradient_checkpointing = ckpt_transformer
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=settings.steps, desc="attack", unit="it", leave=False)
         for it in range(settings.steps):
             t0 = time.perf_counter()
             lr_now = settings.lr_at(it)
@@ -583,7 +626,7 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
                                      stats=kept)
             if auto_keep and kept.get("kept_frames"):  # keep as many trailing frames as the budget holds
                 per_frame = kept["kept_bytes"] / kept["kept_frames"]
-                keep = max(keep, min(latents.shape[2], int(generation_bytes // max(per_frame, 1.0))))
+                keep = max(keep, min(latents.shape[2], int(memory_left // max(per_frame, 1.0))))
                 auto_keep = False
             value = obj(video=frames, latents=latents)
             reg = regularizer()
@@ -686,7 +729,8 @@ def attack(engine, prompt: str | None = None, *, seed: int = 0, objective="untar
         best_iteration=best["iteration"], best_value=best["value"], baseline_value=baseline_value,
         objective={"name": obj.name, "maximize": obj.maximize, "space": obj.space},
         budget=dataclasses.asdict(budget),
-        settings=dataclasses.asdict(settings) | {"random_start": random_start, "decoder_kept_frames":
+        settings=dataclasses.asdict(settings) | {"random_start": random_start, "transformer_checkpointed":
+                                                  ckpt_transformer, "decoder_kept_frames":
                                                   keep if ckpt_decoder else initial.shape[2]},
         gaussianity={n: gaussianity(z) for n, z in zip(names, learned)},
         gaussianity_initial={n: gaussianity(z) for n, z in zip(names, _noise_tensors(initial, names))},

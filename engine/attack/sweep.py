@@ -124,9 +124,12 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+COST_ONLY = ("transformer_checkpoint", "decoder_checkpoint")  # settings that leave the results as they are
+
+
 def _describe(args, kwargs: dict) -> dict:
-    """What must match for a resumed sweep to add comparable items (not the item list, not the shard, not the
-    decoder's checkpoint segments: they change the cost, not the results)."""
+    """What must match for a resumed sweep to add comparable items (not the item list, not the shard, not where
+    activations are checkpointed: that changes the cost, not the results)."""
     def plain(v):
         if hasattr(v, "shape"):  # a target or mask tensor: record shape and a digest
             t = v.detach().cpu().contiguous()
@@ -135,7 +138,7 @@ def _describe(args, kwargs: dict) -> dict:
 
     return _json_safe({
         "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else "default",
-        "dtype": args.dtype, "attack": {k: plain(v) for k, v in sorted(kwargs.items()) if k != "decoder_checkpoint"},
+        "dtype": args.dtype, "attack": {k: plain(v) for k, v in sorted(kwargs.items()) if k not in COST_ONLY},
         "target_file": args.target,
     })
 
