@@ -54,6 +54,7 @@ def worker(cfg: dict) -> dict:
     t0 = time.perf_counter()
     r = eng.attack("a red circle moving left", seed=0, num_frames=num_frames, steps=cfg["steps"], lr=0.05,
                    learn=("z0", "step"), detach_cache=cfg["detach_cache"], checkpointing=cfg["checkpointing"],
+                   transformer_checkpoint="layer", decoder_checkpoint="frame",  # checkpointed wherever it can be
                    objective="untargeted", space=cfg.get("space", "pixel"))
     total = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

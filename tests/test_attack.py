@@ -167,6 +167,21 @@ def test_attack_loop_same_under_every_decoder_checkpoint_and_leaves_no_weight_gr
     assert all(p.requires_grad for p in params)  # frozen during the loop only
 
 
+def test_auto_checkpoints_where_the_generation_memory_is_small(monkeypatch):
+    """The auto settings follow the measured budget: with a generation that took almost no memory, the transformer
+    is checkpointed per layer and the decoder keeps only the last latent frame; the result is the same."""
+    import engine.attack.optimize as optimize
+
+    e = tiny_engine()
+    roomy = e.attack(PROMPT, seed=2, num_frames=21, steps=2, lr=0.1)
+    monkeypatch.setattr(optimize, "_memory_in_use", lambda device: 1)
+    tight = e.attack(PROMPT, seed=2, num_frames=21, steps=2, lr=0.1)
+    assert (roomy.settings["transformer_checkpointed"], roomy.settings["decoder_kept_frames"]) == (False, 6)
+    assert (tight.settings["transformer_checkpointed"], tight.settings["decoder_kept_frames"]) == (True, 1)
+    for a, b in zip(roomy.history, tight.history):
+        assert a["objective"] == pytest.approx(b["objective"], rel=1e-5)
+
+
 @pytest.mark.parametrize("settings", [{}, dict(local_attn_frames=6), dict(guidance_scale=3.0)])
 def test_transformer_saved_bytes_is_an_upper_estimate(settings):
     from engine.attack.optimize import _transformer_saved_bytes, count_saved
