@@ -30,7 +30,9 @@ import gradio as gr
 import numpy as np
 import torch
 
-from engine.attack.optimize import AttackSettings, resolve_budget
+from engine.attack.budget import KINDS as BUDGETS
+from engine.attack.optimize import LEARNABLE, OPTIMIZERS, AttackSettings, resolve_budget
+from engine.sampling.noise import MODES
 from engine.models.text import check_prompts
 from engine.video import write_mp4
 
@@ -39,10 +41,6 @@ from .serving import (MAX_SEED, InputError, Serving, check_choice, check_float, 
 
 OBJECTIVES = {"untargeted": "Untargeted: push the video away from the baseline",
               "targeted": "Targeted: pull the video toward a colour"}
-BUDGETS = ("l2", "linf", "none")
-LEARNABLE = ("z0", "step")
-MODES = ("independent", "derived", "frozen")
-OPTIMIZERS = ("adam", "sgd", "pgd")
 PREVIEW_EVERY = 3.0  # seconds between previews of the current iterate's video
 HEARTBEAT = 1.0  # seconds between no-op updates while an iteration runs
 

@@ -27,7 +27,7 @@ import torch
 import engine
 from engine.data.evaluate import EVAL_PROMPTS, aggregates, evaluate, format_table
 from engine.data.shapes import ShapesConfig, ShapesDataset
-from engine.pipeline import to_uint8
+from engine.io import to_uint8
 from engine.sampling.codec import decode_full, normalize_latents
 
 PROMPT = "a red circle moving left"

@@ -23,7 +23,7 @@ import torch
 
 import engine
 from engine.data.evaluate import EVAL_PROMPTS, evaluate, format_table
-from engine.pipeline import to_uint8
+from engine.io import to_uint8
 from engine.sampling.codec import decode_full
 from engine.sampling.schedule import FlowSchedule
 from engine.training.ode import ode_grid, ode_solve

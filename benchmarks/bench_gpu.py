@@ -41,7 +41,7 @@ import torch
 
 from engine import Engine
 from engine.models.causal_wan import CausalWanTransformer3DModel
-from engine.pipeline import to_uint8
+from engine.io import to_uint8
 from engine.sampling.codec import StreamingDecoder, num_video_frames
 
 WAN_T2V_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,

@@ -274,7 +274,7 @@ class LiveStream:
     def _decoded(self, video: torch.Tensor) -> np.ndarray:
         """Decoded video (1, 3, T, H, W) in [-1, 1] of one latent frame -> uint8 (T, H, W, 3), handed to on_frames
         at once (the first video frame of a block goes out before the block is decoded)."""
-        from .pipeline import to_uint8
+        from .io import to_uint8
 
         frames = to_uint8((video[0].permute(1, 2, 3, 0).float() + 1) / 2)
         if self.on_frames is not None:

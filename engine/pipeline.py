@@ -13,13 +13,9 @@ Layout on disk (diffusers conventions, the same sub-folders as a Wan2.1 diffuser
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +36,7 @@ from .sampling.codec import (StreamingDecoder, StreamingFastDecoder, num_video_f
 from .sampling.noise import SamplerNoise
 from .sampling.schedule import FewStepSchedule
 from .models.kv_cache import POSITION_MODES
+from .io import atomic_directory, cast_module, load_model_weights, quiet_loaders, to_uint8
 from .video import write_mp4
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -152,26 +149,6 @@ class StreamChunk:
     prompt: str | None = None  # the prompt in force for this block (live streams)
 
 
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    return (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-@contextlib.contextmanager
-def quiet_loaders():
-    """Silence the progress bars and notices of diffusers / transformers loaders."""
-    import diffusers.utils.logging as dl
-    import transformers.utils.logging as tl
-
-    dv, tv = dl.get_verbosity(), tl.get_verbosity()
-    dl.set_verbosity_error(), tl.set_verbosity_error()
-    tl.disable_progress_bar(), dl.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dl.set_verbosity(dv), tl.set_verbosity(tv)
-        tl.enable_progress_bar(), dl.enable_progress_bar()
-
-
 def _resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -196,72 +173,6 @@ def _resolve_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype}; accepted: {', '.join(DTYPES)}")
     return dtype
-
-
-def cast_module(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """model.to(device, dtype), keeping the modules diffusers marks as float32-only in float32."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    torch.nn.Module.to(model, device, dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if any(k in name.split(".") for k in keep) and p.is_floating_point():
-                p.data = p.data.float()
-
-
-_cast, _quiet = cast_module, quiet_loaders  # short names used inside this module and by older callers
-
-
-def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load safetensors weights (single file or sharded) into model; missing / unexpected keys are an error."""
-    from safetensors.torch import load_file
-
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    single = folder / "diffusion_pytorch_model.safetensors"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for f in files:
-            state.update(load_file(folder / f))
-    elif single.is_file():
-        state = load_file(single)
-    else:
-        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors in {folder}")
-    check_state_dict(model, state, str(folder))
-    model.load_state_dict(state, strict=True)
-
-
-def check_state_dict(model: torch.nn.Module, state: dict, where: str) -> None:
-    """ValueError naming missing and unexpected keys and shape mismatches."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def cut(xs):
-            return ", ".join(xs[:10]) + (f" ... ({len(xs)} in all)" if len(xs) > 10 else "")
-        raise ValueError(f"weights in {where} do not fit the model: missing keys [{cut(missing)}]; "
-                         f"unexpected keys [{cut(unexpected)}]; shape mismatches [{cut(shapes)}]")
-
-
-def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a directory via write(tmp_dir) and move it into place in one rename (an old one is replaced)."""
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def check_fast_decoder(fast_decoder: FastVideoDecoder, vae: AutoencoderKLWan) -> None:
@@ -341,14 +252,14 @@ class Engine:
         if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise ValueError(f"{torch.cuda.get_device_name(dev)} cannot run bfloat16; accepted on this device: "
                              "float32, float16")
-        _cast(self.transformer, dev, dt)
+        cast_module(self.transformer, dev, dt)
         if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16) and not bf16_matmul_is_native("cpu"):
             # no bf16 / fp16 matmul hardware (AVX2 only): emulated products are ~5x slower than float32, so the
             # weights stay half precision (memory) and the products run in float32 (benchmarks/RESULTS.md)
             float32_compute(self.transformer)
         for codec in (self.vae, self.fast_decoder):
             if codec is not None:
-                _cast(codec, dev, dt if dev.type != "cpu" or dt == torch.float64 else torch.float32)
+                cast_module(codec, dev, dt if dev.type != "cpu" or dt == torch.float64 else torch.float32)
         if self.text_encoder is not None:  # half precision for the (large) encoder on GPUs only
             self.text_encoder.to(dev, dt if dev.type == "cuda" else torch.float32)
         return self
@@ -360,7 +271,7 @@ class Engine:
     def save_pretrained(self, path) -> Path:
         """Write the engine directory atomically (safetensors weights, JSON configs)."""
         def write(tmp: Path):
-            with _quiet():
+            with quiet_loaders():
                 for name, comp in self.components().items():
                     if comp is not None:
                         comp.save_pretrained(tmp / name)
@@ -385,13 +296,13 @@ class Engine:
         config = CausalWanTransformer3DModel.load_config(path / "transformer")
         transformer = transformer_class_for(config).from_config(config)
         load_model_weights(transformer, path / "transformer")
-        with _quiet():
+        with quiet_loaders():
             vae = AutoencoderKLWan.from_pretrained(path / "vae")
         text_encoder = tokenizer = None
         if (path / "text_encoder").is_dir():
             from transformers import AutoTokenizer, UMT5EncoderModel
 
-            with _quiet():
+            with quiet_loaders():
                 text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder")
                 tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         fast_decoder = None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.attack import AttackResult, AttackSettings, Budget, CallableObjective, Targeted, Untargeted, render
-from engine.attack.optimize import CheckpointedDecoder
+from engine.sampling.codec import CheckpointedDecoder
 from engine.sampling.codec import StreamingDecoder
 from engine.sampling.noise import SamplerNoise
 from engine.testing import tiny_engine

@@ -257,7 +257,7 @@ def test_exit_steps_are_shared_and_optionally_equal():
     per_block = draw_exit_steps(5, 4, g(), same_step_across_blocks=False)
     assert per_block == draw_exit_steps(5, 4, g(), same_step_across_blocks=False)  # shared: a function of the seed
     assert len(set(draw_exit_steps(5, 4, g(), same_step_across_blocks=True))) == 1
-    assert draw_exit_steps(3, 4, g(), last_step_only=True) == [3, 3, 3]
+    assert draw_exit_steps(3, 4, g(), same_step_across_blocks=False, last_step_only=True) == [3, 3, 3]
 
 
 # ------------------------------------------------------------------------------------------------ losses

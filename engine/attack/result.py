@@ -166,7 +166,7 @@ class AttackResult:
 
     def save(self, directory: str | os.PathLike, *, videos: bool = True, plots: bool = True) -> Path:
         """Write the result directory atomically (an existing one is replaced)."""
-        from ..pipeline import atomic_directory
+        from ..io import atomic_directory
 
         return atomic_directory(directory, lambda tmp: self.write_to(tmp, videos=videos, plots=plots))
 

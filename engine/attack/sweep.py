@@ -250,7 +250,7 @@ def write_summary(out: Path, items: list[dict], config: dict) -> tuple[Path, Pat
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ..pipeline import atomic_directory
+    from ..io import atomic_directory
 
     items = make_items(read_prompts(args.prompts), parse_seeds(args.seeds))
     rank, world = shard_of(args.shard)

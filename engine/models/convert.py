@@ -109,7 +109,7 @@ def load_taehv(source, **config):
     """A FastVideoDecoder with TAEHV weights: `source` is a .pth / .safetensors file or a state dict; `config`
     overrides FastVideoDecoder's defaults (which are TAEHV's Wan2.1 decoder: 16 latent channels). Missing and
     unexpected names are a ValueError naming them."""
-    from ..pipeline import check_state_dict
+    from ..io import check_state_dict
     from .fast_decoder import FastVideoDecoder
 
     where = "the given state dict"
@@ -126,7 +126,8 @@ def convert_taehv(ckpt, out) -> Path:
     """Write `out`/fast_decoder from TAEHV weights; `out` must be an engine directory whose VAE they fit."""
     from diffusers import AutoencoderKLWan
 
-    from ..pipeline import _quiet, atomic_directory, check_fast_decoder
+    from ..io import atomic_directory, quiet_loaders as _quiet
+    from ..pipeline import check_fast_decoder
 
     out = Path(out)
     if not (out / "vae").is_dir():
@@ -154,7 +155,8 @@ def convert(kind: str, ckpt, wan_dir, out, *, settings: dict | None = None) -> P
     """Write an engine directory: converted transformer + VAE, text encoder and tokenizer from wan_dir."""
     from diffusers import AutoencoderKLWan
 
-    from ..pipeline import Engine, _quiet, atomic_directory, check_state_dict
+    from ..io import atomic_directory, check_state_dict, quiet_loaders as _quiet
+    from ..pipeline import Engine
     from .causal_wan import CausalWanTransformer3DModel
 
     if kind not in ("self-forcing", "wan"):

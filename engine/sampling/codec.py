@@ -13,7 +13,10 @@ same latents and returns the same frame count and alignment, so either serves a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.utils.checkpoint
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
@@ -128,3 +131,114 @@ class StreamingFastDecoder:
         """latents (B, C, F, h, w), normalised -> video (B, 3, T, H, W) in [-1, 1] for these frames."""
         raw, self.state = self.model(latents.to(self.model.dtype), self.state)  # [0, 1] space, unclamped
         return raw.clamp(0.0, 1.0) * 2.0 - 1.0
+
+
+def count_saved(module: torch.nn.Module, add: Callable[[int], None]):
+    """A saved_tensors_hooks context that calls add(nbytes) for each storage autograd saves for backward inside it
+    (each storage once; the module's weights not): what that forward keeps alive until its backward."""
+    seen = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            add(s.nbytes())
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class CheckpointedDecoder:
+    """Streaming Wan VAE decode that back-propagates, with activation checkpointing per decoded block.
+
+    Same calls and numbers as engine.sampling.codec.StreamingDecoder. The Wan decoder keeps a causal feature
+    cache (the last frames seen by each causal 3D convolution) in a list it *mutates* (``feat_cache[i] = ...``).
+    A naive ``torch.utils.checkpoint(decoder, x, feat_cache=cache)`` would re-run, during backward, against the
+    cache as later frames left it, and silently compute wrong gradients. Here every segment is a pure function
+
+        (latent frames, *cache tensors before) -> (video frames, *cache tensors after)
+
+    that builds a fresh list from its arguments, so the re-run sees exactly the inputs of the first run, and the
+    gradient of later frames reaches earlier latents through the returned cache tensors. Non-tensor entries of
+    the cache (None before first use, the decoder's "Rep" marker) are structure, not data: they are passed
+    around the checkpoint.
+
+    segment_frames: latent frames per checkpointed segment; None = the whole `decode` call (one block). Memory
+    kept per segment: its input latents and the cache tensors at its start; recomputed during backward: one
+    segment's activations at a time. Smaller segments store more cache snapshots and recompute less at once.
+
+    Segments that `decode(..., keep=)` names run without a checkpoint (no recompute); what autograd saves for them
+    is counted in `kept_bytes` / `kept_frames` (latent frames), the measure `attack` sizes decoder_checkpoint="auto"
+    with.
+    """
+
+    def __init__(self, vae, checkpoint: bool = True, segment_frames: int | None = None):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        if vae.config.patch_size is not None:
+            raise ValueError("streaming decode supports Wan2.1-style VAEs (patch_size=None)")
+        if segment_frames is not None and (not _is_count(segment_frames) or segment_frames < 1):
+            raise ValueError(f"segment_frames must be None or an int >= 1, got {segment_frames!r}")
+        self.vae = vae
+        self.checkpoint = checkpoint
+        self.segment_frames = segment_frames
+        self.cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self.first = True
+        self.kept_bytes, self.kept_frames = 0, 0
+
+    def _add_kept(self, nbytes: int) -> None:
+        self.kept_bytes += nbytes
+
+    def _segment(self, statics: list, tensor_idx: list[int], first: bool, out_layout: dict):
+        def run(x: torch.Tensor, *tensors: torch.Tensor):
+            cache = list(statics)
+            for i, t in zip(tensor_idx, tensors):
+                cache[i] = t
+            frames = []
+            for f in range(x.shape[2]):  # the decoder takes one latent frame at a time
+                frames.append(self.vae.decoder(x[:, :, f : f + 1], feat_cache=cache, feat_idx=[0],
+                                               first_chunk=first and f == 0))
+            # the structure after the call; identical on the re-run during backward
+            out_layout["statics"] = [None if torch.is_tensor(e) else e for e in cache]
+            out_layout["tensor_idx"] = [i for i, e in enumerate(cache) if torch.is_tensor(e)]
+            return (torch.cat(frames, dim=2), *(cache[i] for i in out_layout["tensor_idx"]))
+        return run
+
+    def decode(self, latents: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """latents (B, C, F, h, w), normalised -> video (B, 3, T, H, W) in [-1, 1] for these frames.
+
+        keep: the segments that lie within the last `keep` latent frames of this call are not checkpointed (for the
+        stream's last frames: the backward pass starts there, so their recompute would cost time and, for the last
+        segment, save no peak memory).
+        """
+        vae = self.vae
+        mean, std = latent_stats(vae, latents.device, vae.dtype)
+        x = vae.post_quant_conv(latents.to(vae.dtype) * std + mean)  # pointwise in time: (B, C, F, h, w)
+        n = x.shape[2]
+        step = self.segment_frames or n
+        outs = []
+        for i in range(0, n, step):
+            kept = i >= n - keep
+            use_ckpt = self.checkpoint and torch.is_grad_enabled() and not kept
+            tensor_idx = [j for j, e in enumerate(self.cache) if torch.is_tensor(e)]
+            statics = [None if torch.is_tensor(e) else e for e in self.cache]
+            layout: dict = {}
+            run = self._segment(statics, tensor_idx, self.first, layout)
+            args = (x[:, :, i : i + step], *(self.cache[j] for j in tensor_idx))
+            if use_ckpt:
+                out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+            elif kept and torch.is_grad_enabled():
+                with count_saved(self.vae, self._add_kept):
+                    out = run(*args)
+                self.kept_frames += min(step, n - i)
+            else:
+                out = run(*args)
+            self.cache = list(layout["statics"])
+            for j, t in zip(layout["tensor_idx"], out[1:]):
+                self.cache[j] = t
+            self.first = False
+            outs.append(out[0])
+        return torch.cat(outs, dim=2).clamp(-1.0, 1.0)

@@ -39,7 +39,8 @@ import torch
 from engine.atomic import atomic_path, save_safetensors, write_text
 from engine.data.shapes import ShapesConfig, ShapesDataset
 from engine.models.fast_decoder import FastVideoDecoder
-from engine.pipeline import atomic_directory, check_fast_decoder, quiet_loaders
+from engine.io import atomic_directory, quiet_loaders
+from engine.pipeline import check_fast_decoder
 from engine.sampling.codec import decode_full, normalize_latents, spatial_compression, temporal_compression
 
 from .config import from_dict, parse_overrides, read_yaml
@@ -313,7 +314,7 @@ def train(cfg: FastDecoderTrainConfig, output_dir: str, resume: bool = False, lo
         if resume:
             log(f"note: --resume given but {out} holds no state.pt; starting from step 0")
         if cfg.init:
-            from engine.pipeline import load_model_weights
+            from engine.io import load_model_weights
 
             load_model_weights(model, Path(cfg.init))
             log(f"initialised from {cfg.init}")

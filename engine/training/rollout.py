@@ -56,8 +56,11 @@ class RolloutResult:
 
 
 def draw_exit_steps(num_blocks: int, num_steps: int, generator: torch.Generator, *,
-                    same_step_across_blocks: bool = True, last_step_only: bool = False) -> list[int]:
-    """Exit step per block, uniform over the few-step list. Give every process the same generator seed."""
+                    same_step_across_blocks: bool, last_step_only: bool = False) -> list[int]:
+    """Exit step per block, uniform over the few-step list. Give every process the same generator seed.
+
+    same_step_across_blocks has no default: every caller says which policy it trains with (RolloutConfig's
+    default is False, an exit step per block; Self-Forcing's configs and the shapes recipe use True)."""
     if last_step_only:
         return [num_steps - 1] * num_blocks
     n = 1 if same_step_across_blocks else num_blocks

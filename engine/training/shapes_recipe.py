@@ -56,7 +56,8 @@ from engine.data.evaluate import EVAL_PROMPTS, aggregates, evaluate, format_tabl
 from engine.data.shapes import VOCABULARY, ShapesConfig, ShapesDataset
 from engine.models.causal_wan import CausalWanTransformer3DModel
 from engine.models.text import build_word_tokenizer, check_prompts, encode_prompts, tiny_umt5
-from engine.pipeline import Engine, to_uint8
+from engine.io import to_uint8
+from engine.pipeline import Engine
 from engine.sampling.block_sampler import Conditioning, num_renoise, sample
 from engine.sampling.codec import decode_full, normalize_latents
 from engine.sampling.noise import SamplerNoise
@@ -590,7 +591,7 @@ def stage_dmd(c: RecipeConfig, resume: bool) -> None:
     def rollout(cond, grad):
         noise = SamplerNoise.from_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
                                        (cond.shape[0], *shape), num_renoise(sched))
-        exits = draw_exit_steps(shape[1] // fpb, len(sched), g)
+        exits = draw_exit_steps(shape[1] // fpb, len(sched), g, same_step_across_blocks=True)  # as the shipped model
         return self_forcing_rollout(gen, cond, noise, sched,
                                     lambda: gen.make_cache(shape[2], shape[3], max_frames=shape[1] - fpb,
                                                            differentiable=grad),

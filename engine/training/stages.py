@@ -30,7 +30,8 @@ import torch
 
 from engine.data.shapes import VOCABULARY, ShapesConfig
 from engine.models.causal_wan import CausalWanTransformer3DModel
-from engine.pipeline import Engine, _cast, _quiet, load_model_weights, to_uint8
+from engine.io import cast_module as _cast, load_model_weights, quiet_loaders as _quiet, to_uint8
+from engine.pipeline import Engine
 from engine.sampling.block_sampler import num_renoise
 from engine.sampling.codec import decode_full
 from engine.sampling.noise import SamplerNoise

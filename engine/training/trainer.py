@@ -42,7 +42,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from engine.pipeline import _quiet, atomic_directory
+from engine.io import atomic_directory, quiet_loaders as _quiet
 from engine.video import write_mp4
 
 from .config import STAGES, Config, diff_configs, dump_config, from_dict

@@ -197,7 +197,7 @@ class QuantizedTeacherStage(TeacherStage):
     def sample_video(self, name, transformer, embeds):
         if self._vq.noise_schedule == "flow":
             return super().sample_video(name, transformer, embeds)
-        from engine.pipeline import to_uint8
+        from engine.io import to_uint8
         from engine.sampling.codec import decode_full
         from engine.sampling.ddpm import ddim_sample
 
