@@ -1,19 +1,19 @@
 """Input and output helpers shared by the engine, the trainer, the attack lab and the converters: atomic
-directory writes, safetensors weight loading with named key errors, dtype casting that keeps diffusers'
+directory writes (engine.atomic), safetensors weight loading with named key errors, dtype casting that keeps diffusers'
 float32-only modules, quiet library loaders, frames to uint8. No import of the rest of the engine."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_directory  # the directory form of engine.atomic, re-exported here
+
+__all__ = ["atomic_directory", "cast_module", "check_state_dict", "load_model_weights", "quiet_loaders", "to_uint8"]
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -77,23 +77,3 @@ def check_state_dict(model: torch.nn.Module, state: dict, where: str) -> None:
             return ", ".join(xs[:10]) + (f" ... ({len(xs)} in all)" if len(xs) > 10 else "")
         raise ValueError(f"weights in {where} do not fit the model: missing keys [{cut(missing)}]; "
                          f"unexpected keys [{cut(unexpected)}]; shape mismatches [{cut(shapes)}]")
-
-
-def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a directory via write(tmp_dir) and move it into place in one rename (an old one is replaced)."""
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -356,6 +356,46 @@ def test_resume_is_exact(dirs, tmp_path):
         assert torch.equal(sa, sb), name
 
 
+def test_wall_clock_budget_stops_with_a_checkpoint_and_resume_is_exact(dirs, tmp_path, monkeypatch):
+    """--minutes: the run stops when the budget is spent, with a checkpoint at the step it reached; resuming goes
+    on to the same weights as an uninterrupted run. The clock is a fake one that advances 1 s per reading."""
+    import engine.training.trainer as trainer
+
+    over = {"train.max_steps": 5, "train.save_every": 100, "data.num_samples": 3}
+    train(tiny("teacher", dirs, **over), tmp_path / "straight")
+    clock = iter(range(10**6))
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: float(next(clock)))
+    r = train(tiny("teacher", dirs, **over), tmp_path / "budget", minutes=2.5 / 60)
+    assert (r.stopped, r.step) == ("time", 2)  # readings at 0 (start), 1, 2, 3 s: two steps within 2.5 s
+    assert sorted(p.name for p in (tmp_path / "budget" / "checkpoints").glob("step-*")) == ["step-00000002"]
+    monkeypatch.undo()
+    r = train(tiny("teacher", dirs, **over), tmp_path / "budget", resume=True)
+    assert (r.stopped, r.step) == ("done", 5)
+    a, b = rows(tmp_path / "straight"), rows(tmp_path / "budget")
+    assert [strip_times(x) for x in a] == [strip_times(x) for x in b]
+    sa = param_checksums(Engine.from_pretrained(tmp_path / "straight" / "teacher").transformer)
+    sb = param_checksums(Engine.from_pretrained(tmp_path / "budget" / "teacher").transformer)
+    assert torch.equal(sa, sb)
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(dirs, tmp_path):
+    over = {"train.max_steps": 2, "data.num_samples": 3}
+    train(tiny("teacher", dirs, **over), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"changed config: optim.lr .*only train.max_steps"):
+        train(tiny("teacher", dirs, **{**over, "optim.lr": 3e-3}), tmp_path / "run", resume=True)
+    r = train(tiny("teacher", dirs, **{**over, "train.max_steps": 3}), tmp_path / "run", resume=True)  # allowed
+    assert r.step == 3
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "inf", "soon"])
+def test_minutes_must_be_positive(minutes, capsys):
+    with pytest.raises(SystemExit):  # argparse's exit 2 with the message, after the stage or before it
+        train_cli.parse(_ns("teacher", "--config", "tiny-teacher", "--minutes", minutes))
+    assert "--minutes must be a number of minutes > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="train.max_minutes .* > 0"):
+        tiny("teacher", None, **{"train.max_minutes": 0}).validate()
+
+
 def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint(dirs, tmp_path, monkeypatch):
     cls = STAGES["teacher"]
     original = cls.loss

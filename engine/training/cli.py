@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import STAGES, dump_config, list_presets, load_config
+from .config import STAGES, dump_config, list_presets, load_config, positive_minutes
 
 EXIT_NONFINITE = 3
 SHAPES_STAGES = ("shapes-vae", "shapes-latents", "shapes-teacher", "shapes-ode-bank", "shapes-ode-init",
@@ -32,6 +32,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"YAML preset: a path or a name in configs/ ({', '.join(list_presets())})")
     p.add_argument("--output-dir", help="run directory (metrics, checkpoints, engine directories, samples)")
     p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--minutes", type=positive_minutes, default=None,
+                   help="wall-clock budget of this call (train.max_minutes): a checkpoint at the end; --resume goes on")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -59,6 +61,7 @@ def parse(args) -> tuple[argparse.Namespace, list[str]]:
 def run_shapes(args) -> int:
     """The default model's recipe stages: hand the command line to their drivers unchanged."""
     argv = (["--config", args.config] if args.config else []) + (["--resume"] if args.resume else [])
+    argv += ["--minutes", str(args.minutes)] if args.minutes is not None else []
     if args.stage == "shapes-vae":
         argv = (["--output-dir", args.output_dir] if args.output_dir else []) + argv
         argv += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
@@ -84,6 +87,7 @@ def run_fast_decoder(args) -> int:
     argv = [x for k in ("config", "output_dir") if getattr(args, k) for x in (f"--{k.replace('_', '-')}", getattr(args, k))]
     argv += (["--max-steps", str(args.max_steps)] if args.max_steps is not None else [])
     argv += [flag for flag, on in (("--resume", args.resume), ("--print-config", args.print_config)) if on]
+    argv += ["--minutes", str(args.minutes)] if args.minutes is not None else []
     return fast_decoder_main(argv + list(args.overrides or []))
 
 
@@ -103,7 +107,8 @@ def run(args) -> int:
         raise ValueError("--output-dir DIR is required")
     from .trainer import train
 
-    result = train(cfg, args.output_dir, stage=args.stage, resume=args.resume, max_steps=args.max_steps)
+    result = train(cfg, args.output_dir, stage=args.stage, resume=args.resume, max_steps=args.max_steps,
+                   minutes=args.minutes)
     if result.stopped == "nonfinite":
         print(f"error: the run stopped at step {result.step} after too many non-finite steps in a row",
               file=sys.stderr)

@@ -25,6 +25,8 @@ Self-Forcing's configs write `cond + g * (cond - uncond)`, so their `guidance_sc
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import types
 import typing
@@ -110,6 +112,7 @@ class TrainLoopConfig:
     batch_size: int = 1
     grad_accum: int = 1
     max_steps: int = 1000
+    max_minutes: float | None = None  # wall-clock budget of one invocation (--minutes); a checkpoint at the end
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0
@@ -241,6 +244,9 @@ class Config:
         for key in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "max_nonfinite_steps"):
             _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
         _check(t.max_steps >= 0, "train.max_steps", t.max_steps, ">= 0")
+        _check(t.max_minutes is None or (isinstance(t.max_minutes, (int, float)) and not isinstance(t.max_minutes, bool)
+                                         and 0 < t.max_minutes < float("inf")),
+               "train.max_minutes", t.max_minutes, "a number of minutes > 0 (--minutes), or null for no limit")
         _check(t.cpu_threads >= 0, "train.cpu_threads", t.cpu_threads, ">= 0 (0 = torch's default)")
         _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision", t.mixed_precision,
                "one of auto, no, bf16, fp16")
@@ -271,6 +277,17 @@ class Config:
         self.engine.schedule()  # raises on a bad step list / shift / context_t
         _check(self.engine.num_frame_per_block >= 1, "engine.num_frame_per_block", self.engine.num_frame_per_block,
                ">= 1")
+
+
+def positive_minutes(text: str) -> float:
+    """argparse type of --minutes: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--minutes must be a number of minutes > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--minutes must be a number of minutes > 0, got {text}")
+    return value
 
 
 def _check(ok: bool, key: str, value, expected: str) -> None:

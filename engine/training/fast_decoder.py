@@ -43,7 +43,7 @@ from engine.io import atomic_directory, quiet_loaders
 from engine.pipeline import check_fast_decoder
 from engine.sampling.codec import decode_full, normalize_latents, spatial_compression, temporal_compression
 
-from .config import from_dict, parse_overrides, read_yaml
+from .config import from_dict, parse_overrides, positive_minutes, read_yaml
 from .data import seeded
 
 STAGE = "fast-decoder"
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="YAML preset: a name in configs/ (fast-decoder, tiny-fast-decoder) "
                    "or a path")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--minutes", type=float, default=None, help="training budget (config key minutes)")
+    p.add_argument("--minutes", type=positive_minutes, default=None, help="training budget (config key minutes)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     p.add_argument("--print-config", action="store_true")

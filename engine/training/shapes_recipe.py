@@ -64,6 +64,7 @@ from engine.sampling.noise import SamplerNoise
 from engine.sampling.schedule import FewStepSchedule, FlowSchedule, flow_to_x0
 from engine.training.losses import CriticLoss, DMDLoss, FlowMatchingLoss, ODERegressionLoss, as_x0_fn, cfg as cfg_fn
 from engine.training.ode import ode_grid, ode_solve
+from engine.training.config import positive_minutes
 from engine.training.rollout import draw_exit_steps, self_forcing_rollout
 from engine.training.trainer import EMA
 
@@ -730,7 +731,7 @@ def main(argv=None) -> None:
     p.add_argument("stage", choices=["latents", "teacher", "ode-bank", "ode-init", "dmd", "eval", "ship"])
     p.add_argument("--config", default=None)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--minutes", type=float, default=None, help="this stage's wall-clock budget")
+    p.add_argument("--minutes", type=positive_minutes, default=None, help="this stage's wall-clock budget")
     p.add_argument("--which", default="student", choices=["teacher", "student"])
     p.add_argument("--transformer", default=None, help="eval / ship: transformer directory")
     p.add_argument("--tag", default=None)

@@ -67,7 +67,7 @@ class TrainerState:
 @dataclass
 class TrainResult:
     step: int
-    stopped: str  # "done" | "nonfinite"
+    stopped: str  # "done" | "nonfinite" | "time" (train.max_minutes ran out; resume to go on)
     output_dir: Path
     stage: Stage
     state: TrainerState
@@ -249,6 +249,11 @@ class Checkpointer:
         found = self.list()
         return found[-1] if found else None
 
+    def latest_step(self) -> int:
+        """The step of the newest checkpoint (0 when there is none)."""
+        found = self.latest()
+        return int(found.name.split("-")[1]) if found else 0
+
     # -- models as engine directories
     def write_components(self) -> None:
         """vae / text_encoder / tokenizer once per run; engine directories hard-link them."""
@@ -343,8 +348,12 @@ def _check_output_dir(out: Path, resume: bool) -> None:
 
 
 def train(cfg: Config, output_dir: str | os.PathLike, *, stage: str | None = None, resume: bool = False,
-          max_steps: int | None = None) -> TrainResult:
-    """Run a stage. Everything that can be checked without training is checked before the first step."""
+          max_steps: int | None = None, minutes: float | None = None) -> TrainResult:
+    """Run a stage. Everything that can be checked without training is checked before the first step.
+
+    minutes (train.max_minutes): stop after this much wall-clock time in this call, with a checkpoint; a later
+    call with resume=True goes on exactly where it stopped (the budget is per call, not part of the run's config).
+    """
     stage = stage or cfg.stage
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
@@ -353,6 +362,8 @@ def train(cfg: Config, output_dir: str | os.PathLike, *, stage: str | None = Non
     cfg = dataclasses.replace(cfg, stage=stage)
     if max_steps is not None:
         cfg.train = dataclasses.replace(cfg.train, max_steps=max_steps)
+    if minutes is not None:
+        cfg.train = dataclasses.replace(cfg.train, max_minutes=minutes)
     cfg.validate()
     out = Path(output_dir)
     _check_output_dir(out, resume)
@@ -405,8 +416,16 @@ def train(cfg: Config, output_dir: str | os.PathLike, *, stage: str | None = Non
     log = RunLog(out, acc.is_main_process, cfg.train.tensorboard, state.step, cfg.train.max_steps)
     sample_embeds = st.sample_embeddings() if cfg.sample.every else None
     stopped = "done"
+    started = time.monotonic()
     try:
         while state.step < cfg.train.max_steps:
+            if _out_of_time(acc, started, cfg.train.max_minutes):
+                log.message(f"note: the {cfg.train.max_minutes:g}-minute budget ran out at step {state.step}; "
+                            f"resume with --resume to go on")
+                if state.step and not state.nonfinite_in_a_row and ckpt.latest_step() != state.step:
+                    ckpt.save(state)
+                stopped = "time"
+                break
             state.step += 1
             row = _run_step(st, cfg, acc, nets, opts, ema, state, log)
             log.write(row)
@@ -430,6 +449,23 @@ def train(cfg: Config, output_dir: str | os.PathLike, *, stage: str | None = Non
     return TrainResult(state.step, stopped, out, st, state)
 
 
+RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.save_every", "train.keep_checkpoints",
+                     "train.tensorboard", "sample.every")
+
+
+def _out_of_time(acc, started: float, max_minutes: float | None) -> bool:
+    """Whether the budget ran out; with several processes the main one decides for all (they stop together)."""
+    if max_minutes is None:
+        return False
+    over = time.monotonic() - started >= 60.0 * max_minutes
+    if acc.num_processes == 1:
+        return over
+    from accelerate.utils import broadcast
+
+    flag = torch.tensor([float(over)], device=acc.device)
+    return bool(broadcast(flag, from_process=0).item())
+
+
 def _compare_config(out: Path, cfg: Config, is_main: bool) -> None:
     saved = out / "config.yaml"
     if not (is_main and saved.is_file()):
@@ -438,9 +474,11 @@ def _compare_config(out: Path, cfg: Config, is_main: bool) -> None:
         old = from_dict(Config, yaml.safe_load(saved.read_text()))
     except ValueError:
         return
-    changed = [k for k in diff_configs(old, cfg) if k != "train.max_steps"]
+    changed = [k for k in diff_configs(old, cfg) if k not in RESUMABLE_CHANGES]
     if changed:
-        print(f"warning: resuming with a changed config: {', '.join(changed)}", file=sys.stderr)
+        raise ValueError(f"cannot resume {out} with a changed config: {', '.join(changed)} differ from its "
+                         f"config.yaml (only {', '.join(RESUMABLE_CHANGES)} may change); start a new --output-dir "
+                         f"or restore those keys")
 
 
 def _write_samples(st: Stage, ckpt: Checkpointer, embeds, out: Path, step: int) -> None:
