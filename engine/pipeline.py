@@ -36,6 +36,7 @@ from .sampling.codec import (StreamingDecoder, StreamingFastDecoder, num_video_f
 from .sampling.noise import SamplerNoise
 from .sampling.schedule import FewStepSchedule
 from .models.kv_cache import POSITION_MODES
+from .prompts import prompt_validator
 from .io import atomic_directory, cast_module, load_model_weights, quiet_loaders, to_uint8
 from .video import write_mp4
 
@@ -74,7 +75,7 @@ class EngineConfig:
     width: int = 832
     num_frames: int = 81
     fps: int = 16
-    prompt_grammar: str | None = None  # "shapes": prompts must parse with engine.data.parse_prompt
+    prompt_grammar: str | None = None  # a grammar of engine/prompts.py's registry ("shapes": engine.data.parse_prompt)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":
@@ -207,8 +208,7 @@ class Engine:
         self.model_card: str | None = None
         self.source: str | None = None
         self.schedule = self.config.schedule()
-        if self.config.prompt_grammar not in (None, "shapes"):
-            raise ValueError(f"unknown prompt_grammar {self.config.prompt_grammar!r}; accepted: None, 'shapes'")
+        prompt_validator(self.config.prompt_grammar)  # a grammar the registry knows (engine/prompts.py)
         schedule = getattr(transformer.config, "noise_schedule", "flow")
         if schedule != "flow":
             raise ValueError(f"this transformer uses the {schedule!r} DDPM schedule; the few-step flow sampler needs "
@@ -355,11 +355,10 @@ class Engine:
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this engine has no text encoder; pass prompt_embeds= instead of a prompt")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if self.config.prompt_grammar == "shapes":  # the default model knows one small grammar: say so clearly
-            from .data.shapes import parse_prompt
-
+        check = prompt_validator(self.config.prompt_grammar)  # the checkpoint's grammar, if it names one
+        if check is not None:
             for p in prompts:
-                parse_prompt(p)
+                check(p)
         emb = encode_prompts(self.text_encoder, self.tokenizer, prompts, max_length=self.config.text_max_length,
                              device=self.device)
         return emb.to(self.dtype)

@@ -497,3 +497,24 @@ def test_shapes_grammar_refuses_prompts_the_model_was_not_trained_for():
     assert eng.generate("a red circle moving up left").frames.shape == (21, 32, 32, 3)
     with pytest.raises(ValueError, match="prompt_grammar"):
         tiny_engine(prompt_grammar="english")
+
+
+def test_a_registered_prompt_grammar_is_a_component_the_config_names(monkeypatch):
+    import engine.prompts as prompts
+
+    monkeypatch.setattr(prompts, "_GRAMMARS", dict(prompts._GRAMMARS))  # registry restored after the test
+    seen = []
+
+    def moving_only(p: str) -> None:
+        seen.append(p)
+        if "moving" not in p:
+            raise ValueError(f"{p!r}: this model needs a direction ('moving ...')")
+
+    prompts.register_prompt_grammar("moving", moving_only)
+    eng = tiny_engine(prompt_grammar="moving")
+    with pytest.raises(ValueError, match="needs a direction"):
+        eng.generate("a red circle")
+    assert eng.generate("a red circle moving left", num_frames=9).frames.shape[0] == 9
+    assert seen == ["a red circle", "a red circle moving left"]
+    with pytest.raises(ValueError, match=r"unknown prompt_grammar 'english'; accepted: None, 'moving', 'shapes'"):
+        tiny_engine(prompt_grammar="english")
