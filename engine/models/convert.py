@@ -126,7 +126,7 @@ def convert_taehv(ckpt, out) -> Path:
     """Write `out`/fast_decoder from TAEHV weights; `out` must be an engine directory whose VAE they fit."""
     from diffusers import AutoencoderKLWan
 
-    from ..io import atomic_directory, quiet_loaders as _quiet
+    from ..io import atomic_directory, quiet_loaders
     from ..pipeline import check_fast_decoder
 
     out = Path(out)
@@ -134,11 +134,11 @@ def convert_taehv(ckpt, out) -> Path:
         raise FileNotFoundError(f"--out {out} must be an engine directory (with vae/): the TAEHV decoder is added to "
                                 f"it as fast_decoder/")
     model = load_taehv(ckpt)
-    with _quiet():
+    with quiet_loaders():
         check_fast_decoder(model, AutoencoderKLWan.from_pretrained(out / "vae"))
 
     def write(tmp: Path):
-        with _quiet():
+        with quiet_loaders():
             model.save_pretrained(tmp)
         (tmp / "README.md").write_text(f"# TAEHV decoder\n\nConverted from `{Path(ckpt).name}` (madebyollin/taehv) by "
                                        f"`python -m engine convert taehv`. Use with `decoder=\"fast\"`.\n")
@@ -155,7 +155,7 @@ def convert(kind: str, ckpt, wan_dir, out, *, settings: dict | None = None) -> P
     """Write an engine directory: converted transformer + VAE, text encoder and tokenizer from wan_dir."""
     from diffusers import AutoencoderKLWan
 
-    from ..io import atomic_directory, check_state_dict, quiet_loaders as _quiet
+    from ..io import atomic_directory, check_state_dict, quiet_loaders
     from ..pipeline import Engine
     from .causal_wan import CausalWanTransformer3DModel
 
@@ -174,12 +174,12 @@ def convert(kind: str, ckpt, wan_dir, out, *, settings: dict | None = None) -> P
     model.load_state_dict(state, assign=True)
     r = model.rope  # its tables are non-persistent buffers, still on the meta device: build them for real
     model.rope = type(r)(r.attention_head_dim, r.patch_size, r.max_seq_len)
-    with _quiet():
+    with quiet_loaders():
         vae = AutoencoderKLWan.from_pretrained(wan_dir / "vae")
     eng = Engine(model, vae, **(settings or SELF_FORCING_SETTINGS))
 
     def write(tmp: Path):
-        with _quiet():
+        with quiet_loaders():
             model.save_pretrained(tmp / "transformer")
             vae.save_pretrained(tmp / "vae")
         for sub in ("text_encoder", "tokenizer"):  # copied as files: no need to load a 5B-parameter encoder

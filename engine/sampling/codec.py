@@ -147,10 +147,6 @@ def count_saved(module: torch.nn.Module, add: Callable[[int], None]):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 class CheckpointedDecoder:
     """Streaming Wan VAE decode that back-propagates, with activation checkpointing per decoded block.
 
@@ -180,7 +176,7 @@ class CheckpointedDecoder:
 
         if vae.config.patch_size is not None:
             raise ValueError("streaming decode supports Wan2.1-style VAEs (patch_size=None)")
-        if segment_frames is not None and (not _is_count(segment_frames) or segment_frames < 1):
+        if segment_frames is not None and (type(segment_frames) is not int or segment_frames < 1):
             raise ValueError(f"segment_frames must be None or an int >= 1, got {segment_frames!r}")
         self.vae = vae
         self.checkpoint = checkpoint

@@ -30,7 +30,7 @@ import torch
 
 from engine.data.shapes import VOCABULARY, ShapesConfig
 from engine.models.causal_wan import CausalWanTransformer3DModel
-from engine.io import cast_module as _cast, load_model_weights, quiet_loaders as _quiet, to_uint8
+from engine.io import cast_module, load_model_weights, quiet_loaders, to_uint8
 from engine.pipeline import Engine
 from engine.sampling.block_sampler import num_renoise
 from engine.sampling.codec import decode_full
@@ -178,7 +178,7 @@ def load_components(cfg: Config, stage: str, device) -> Components:
             raise FileNotFoundError(f"{path} has no vae/: the base engine directory must hold the VAE")
         from diffusers import AutoencoderKLWan
 
-        with _quiet():
+        with quiet_loaders():
             vae = AutoencoderKLWan.from_pretrained(path / "vae")
             te = tok = None
             if (path / "text_encoder").is_dir():
@@ -235,7 +235,7 @@ def new_transformer(base_config: dict, overrides: dict, seed: int) -> CausalWanT
 
 def prepare_trainable(model: torch.nn.Module, cfg: Config, device) -> torch.nn.Module:
     """float32 master weights (mixed precision autocasts the compute), in training mode."""
-    _cast(model, torch.device(device), torch.float32)
+    cast_module(model, torch.device(device), torch.float32)
     model.train().requires_grad_(True)
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     return model
@@ -243,7 +243,7 @@ def prepare_trainable(model: torch.nn.Module, cfg: Config, device) -> torch.nn.M
 
 def prepare_frozen(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     """Frozen networks live in the mixed-precision dtype (half the memory), diffusers' fp32 modules excepted."""
-    _cast(model, torch.device(rt.device), rt.frozen_dtype)
+    cast_module(model, torch.device(rt.device), rt.frozen_dtype)
     return model.eval().requires_grad_(False)
 
 

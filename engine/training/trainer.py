@@ -42,7 +42,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from engine.io import atomic_directory, quiet_loaders as _quiet
+from engine.io import atomic_directory, quiet_loaders
 from engine.video import write_mp4
 
 from .config import STAGES, Config, diff_configs, dump_config, from_dict
@@ -262,7 +262,7 @@ class Checkpointer:
             return
 
         def write(tmp: Path):
-            with _quiet():
+            with quiet_loaders():
                 for name in ("vae", "text_encoder", "tokenizer"):
                     comp = getattr(self.comps, name)
                     if comp is not None:
@@ -293,7 +293,7 @@ class Checkpointer:
 
     def write_engine(self, target: Path, name: str, model: torch.nn.Module, step: int) -> None:
         target.mkdir(parents=True, exist_ok=True)
-        with _quiet():
+        with quiet_loaders():
             model.save_pretrained(target / "transformer", safe_serialization=True)
         _link_tree(self.out / "components", target)
         settings = self.stage.engine_settings(name)
