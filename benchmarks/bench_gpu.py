@@ -10,16 +10,17 @@ config (30 layers, dim 1536, 12 heads, ffn 8960, text_dim 4096, patch (1, 2, 2),
 `engine.Engine` (4 steps [1000, 750, 500, 250] warped with shift 5, 3 latent frames per block, bf16) and fed random
 `prompt_embeds` (1, 512, 4096) instead of a text encoder (UMT5-XXL runs once per prompt, not per frame).
 
-Per attention backend (diffusers' dispatcher, `transformer.set_attention_backend`: native SDPA always, flash and
-xformers where installed; a backend that fails is reported and skipped): `--warmup` untimed runs, then
-`--repeats` timed ones. A run is what `Engine.stream` does, with a CUDA synchronisation after each block so that
+Per attention backend (diffusers' dispatcher, `transformer.set_attention_backend`: native SDPA, and on a GPU its
+cuDNN and flash kernels forced (`_native_cudnn`, `_native_flash`), flash-attn and xformers where installed; a
+backend that fails is reported and skipped) and per decoder (`--decoders vae fast`: the Wan VAE, or the fast
+decoder with TAEHV's Wan2.1 architecture and random weights): `--warmup` untimed runs, then `--repeats` timed ones. A run is what `Engine.stream` does, with a CUDA synchronisation after each block so that
 the split is real: the transformer generates block b (`output_type="latent"`), the streaming VAE decoder turns it
 into uint8 frames on the host, then block b + 1. Reported (median over the timed runs):
 
 - fps: video frames / wall seconds of the whole run (81 / s);
 - first chunk: seconds from the call to the first block's frames on the host (generation + decode of block 0);
 - per block: generation seconds per block (block 0 has no cache; the last has the longest one);
-- VAE share: decode seconds / total;
+- decode share: decode seconds / total (`vae_share` in the JSON);
 - peak GPU memory (torch.cuda.max_memory_allocated) over the timed runs.
 
 `--budget-s` (default 420) stops starting new runs once that much wall time has passed, so a full invocation
@@ -42,12 +43,14 @@ import torch
 from engine import Engine
 from engine.models.causal_wan import CausalWanTransformer3DModel
 from engine.io import to_uint8
-from engine.sampling.codec import StreamingDecoder, num_video_frames
+from engine.sampling.codec import StreamingDecoder, StreamingFastDecoder, num_video_frames
 
 WAN_T2V_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                     out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-BACKENDS = {"native": None, "flash": "flash_attn", "xformers": "xformers"}  # name -> module that must import
+# diffusers' attention backend -> the module it needs (None: PyTorch's own SDPA kernels, always there on a GPU)
+BACKENDS = {"native": None, "_native_cudnn": None, "_native_flash": None, "flash": "flash_attn",
+            "xformers": "xformers"}
 
 
 def installed_backends(device: torch.device) -> list[str]:
@@ -78,13 +81,31 @@ def build(args, device: torch.device, dtype: str) -> tuple[Engine, torch.Tensor]
     return eng, emb
 
 
+def make_decoder(eng: Engine, kind: str, device: torch.device, dtype: str):
+    """A fresh streaming decoder: the VAE's, or the fast one (TAEHV's Wan2.1 layout, random weights; tiny widths
+    with --tiny)."""
+    if kind == "vae":
+        return StreamingDecoder(eng.vae)
+    if "fast" not in _FAST:
+        from engine.models.fast_decoder import FastVideoDecoder
+
+        torch.manual_seed(0)
+        kw = dict(channels=(16, 8, 8, 8), blocks_per_stage=1) if eng.transformer.config.num_layers < 30 else {}
+        with torch.device(device):
+            _FAST["fast"] = FastVideoDecoder(latent_channels=eng.transformer.config.out_channels, **kw).eval()
+        _FAST["fast"].to(device, getattr(torch, dtype))
+    return StreamingFastDecoder(_FAST["fast"])
+
+
+_FAST: dict = {}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def one_run(eng: Engine, emb: torch.Tensor, noise, device) -> dict:
-    decoder = StreamingDecoder(eng.vae)
+def one_run(eng: Engine, emb: torch.Tensor, noise, device, decoder) -> dict:
     gen, dec, first = [], [], None
     sync(device)
     t_start = t = time.perf_counter()
@@ -106,22 +127,23 @@ def one_run(eng: Engine, emb: torch.Tensor, noise, device) -> dict:
             "block_decode_s": dec, "vae_share": sum(dec) / total, "num_frames": n}
 
 
-def bench_backend(eng, emb, noise, device, backend, args, t0) -> dict:
+def bench_backend(eng, emb, noise, device, backend, decoder, args, t0) -> dict:
     eng.transformer.set_attention_backend(backend)
+    new = lambda: make_decoder(eng, decoder, device, args.dtype)  # noqa: E731
     for _ in range(args.warmup):
-        one_run(eng, emb, noise, device)
+        one_run(eng, emb, noise, device, new())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
     for _ in range(args.repeats):
         if runs and time.perf_counter() - t0 > args.budget_s:
             break
-        runs.append(one_run(eng, emb, noise, device))
+        runs.append(one_run(eng, emb, noise, device, new()))
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     per_block = [statistics.median(r["block_generate_s"][b] for r in runs) for b in range(len(runs[0]["block_generate_s"]))]
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"backend": backend, "runs": len(runs), "fps": med("fps"), "first_chunk_s": med("first_chunk_s"),
+    return {"backend": backend, "decoder": decoder, "runs": len(runs), "fps": med("fps"), "first_chunk_s": med("first_chunk_s"),
             "seconds": med("seconds"), "vae_share": med("vae_share"), "block_generate_s": per_block,
             "block_decode_s_median": statistics.median(d for r in runs for d in r["block_decode_s"]),
             "peak_memory_gb": peak / 2**30, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "host RSS",
@@ -139,6 +161,9 @@ def _main(argv=None) -> dict:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", nargs="+", default=None, help="of native, flash, xformers; default: all installed")
+    ap.add_argument("--decoders", nargs="+", default=["vae"], choices=["vae", "fast"],
+                    help="vae: the Wan VAE's streaming decoder; fast: the fast decoder (TAEHV's Wan2.1 architecture, "
+                         "random weights)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (in place)")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
@@ -166,24 +191,26 @@ def _main(argv=None) -> dict:
             "layers": eng.transformer.config.num_layers, "build_s": time.perf_counter() - t0,
             "results": [], "skipped": {}}
     for backend in wanted:
-        if time.perf_counter() - t0 > args.budget_s:
-            info["skipped"][backend] = "time budget spent"
-            continue
-        try:
-            info["results"].append(bench_backend(eng, emb, noise, device, backend, args, t0))
-        except Exception as e:  # a backend missing or unable to run this shape: say so, go on
-            info["skipped"][backend] = f"{type(e).__name__}: {e}"[:300]
+        for decoder in args.decoders:
+            key = f"{backend}, {decoder}"
+            if time.perf_counter() - t0 > args.budget_s:
+                info["skipped"][key] = "time budget spent"
+                continue
+            try:
+                info["results"].append(bench_backend(eng, emb, noise, device, backend, decoder, args, t0))
+            except Exception as e:  # a backend missing or unable to run this shape: say so, go on
+                info["skipped"][key] = f"{type(e).__name__}: {e}"[:300]
     eng.transformer.set_attention_backend("native")
     info["total_s"] = time.perf_counter() - t0
 
     print(f"{info['device']}, {args.dtype}, compile={args.compile}, {info['layers']} layers, {args.height}x{args.width}, "
           f"{args.frames} frames; built in {info['build_s']:.1f} s, total {info['total_s']:.1f} s\n")
-    print("| backend | runs | fps | first chunk (s) | s per run | per-block generate (s): first / median / last | "
-          "VAE share | peak memory GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | decoder | runs | fps | first chunk (s) | s per run | per-block generate (s): first / median / last | "
+          "decode share | peak memory GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in info["results"]:
         g = r["block_generate_s"]
-        print(f"| {r['backend']} | {r['runs']} | {r['fps']:.1f} | {r['first_chunk_s']:.3f} | {r['seconds']:.2f} | "
+        print(f"| {r['backend']} | {r['decoder']} | {r['runs']} | {r['fps']:.1f} | {r['first_chunk_s']:.3f} | {r['seconds']:.2f} | "
               f"{g[0]:.3f} / {statistics.median(g):.3f} / {g[-1]:.3f} | {100 * r['vae_share']:.0f}% | "
               f"{r['peak_memory_gb']:.1f} ({r['peak_memory_kind']}) |")
     for b, why in info["skipped"].items():

@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's engine, whatever else is installed
 
 from engine.models.causal_wan import CausalWanTransformer3DModel
+from engine.io import cast_module
 from engine.models.convert import rename_key
 from engine.sampling.block_sampler import Conditioning, context_input, iter_blocks, num_renoise
 from engine.sampling.noise import SamplerNoise
@@ -116,7 +117,7 @@ def build_self_forcing(cm, ours: CausalWanTransformer3DModel, window: int | None
                            cross_attn_norm=c.cross_attn_norm, eps=c.eps).eval()
     state = ours.state_dict()
     sf.load_state_dict({name: state[rename_key(name)] for name in sf.state_dict()}, assign=True)
-    return sf
+    return sf.to(ours.dtype)  # all of it, as its pipeline does (ours keeps diffusers' float32-only modules)
 
 
 def engine_calls(model, emb, noise, sched, cache):
@@ -127,15 +128,15 @@ def engine_calls(model, emb, noise, sched, cache):
     for b in range(nb):
         x, steps = noise.block(b * K, (b + 1) * K)
         for i, t in enumerate(sched.timesteps):
-            v = model(x, torch.full((B, K), float(t)), emb, kv_cache=cache).sample
+            v = model(x.to(emb.dtype), torch.full((B, K), float(t), device=x.device), emb, kv_cache=cache).sample.float()
             yield
             x0 = flow_to_x0(x, v, sig[i])
             if i + 1 < len(sig):
                 x = add_noise(x0, steps[i], sig[i + 1])
         out.append(x0)
         if b + 1 < nb:
-            model(context_input(x0, steps, sched), torch.full((B, K), sched.context_t), emb, kv_cache=cache,
-                  update_cache=True)
+            model(context_input(x0, steps, sched).to(emb.dtype), torch.full((B, K), sched.context_t, device=x0.device),
+                  emb, kv_cache=cache, update_cache=True)
             yield
     return torch.cat(out, 2)
 
@@ -148,13 +149,17 @@ def self_forcing_calls(sf, emb, noise, sched, window, last_context=True):
     S = (H // sf.patch_size[1]) * (W // sf.patch_size[2])
     n, d = sf.num_heads, sf.dim // sf.num_heads
     size = (window or nF) * S
-    kv = [{"k": torch.zeros(B, size, n, d), "v": torch.zeros(B, size, n, d),
-           "global_end_index": torch.tensor([0]), "local_end_index": torch.tensor([0])} for _ in sf.blocks]
-    cross = [{"k": torch.zeros(B, 512, n, d), "v": torch.zeros(B, 512, n, d), "is_init": False} for _ in sf.blocks]
+    dev = dict(device=emb.device, dtype=emb.dtype)  # as its pipeline: buffers and indices on the device
+    kv = [{"k": torch.zeros(B, size, n, d, **dev), "v": torch.zeros(B, size, n, d, **dev),
+           "global_end_index": torch.tensor([0], device=dev["device"]),
+           "local_end_index": torch.tensor([0], device=dev["device"])} for _ in sf.blocks]
+    cross = [{"k": torch.zeros(B, 512, n, d, **dev), "v": torch.zeros(B, 512, n, d, **dev), "is_init": False}
+             for _ in sf.blocks]
 
     def call(x, t, start):
-        tt = torch.full((B, x.shape[2]), float(t))
-        return sf(x, t=tt, context=emb, seq_len=32760, kv_cache=kv, crossattn_cache=cross, current_start=start * S)
+        tt = torch.full((B, x.shape[2]), float(t), device=x.device)
+        return sf(x.to(emb.dtype), t=tt, context=emb, seq_len=32760, kv_cache=kv, crossattn_cache=cross,
+                  current_start=start * S).float()
 
     out, nb, sig = [], nF // K, sched.sigmas
     for b in range(nb):
@@ -234,9 +239,17 @@ def main():
     ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
                     help="cpu: this process's CPU seconds (time.process_time; with one thread the figure that other "
                          "jobs on a shared machine disturb least), wall: time.perf_counter")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: on cuda the clock is the wall clock after a "
+                    "synchronisation, and layers are not timed one by one (run --layers 30: the whole run is the figure)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if device.type == "cuda":
+        def clock():  # the GPU's work of a call belongs to that call
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     h, w = (int(s) for s in args.latent.split("x"))
@@ -246,6 +259,7 @@ def main():
 
     torch.manual_seed(0)
     now = CausalWanTransformer3DModel.from_config({**WAN_1_3B, "num_layers": args.layers}).eval()
+    cast_module(now, device, dtype)  # as Engine.to: diffusers' float32-only modules stay float32
     models = {"engine now": now}
     if args.before:
         models["engine before"] = load_before(args.before).from_config({**WAN_1_3B, "num_layers": args.layers}).eval()
@@ -254,6 +268,8 @@ def main():
         models["Self-Forcing"] = build_self_forcing(load_self_forcing(args.self_forcing), now, args.window, args.sink)
     timers = {name: LayerTimer(clock) for name in models}
     for name, model in models.items():
+        if device.type == "cuda":  # a timer per layer would synchronise inside the call: whole calls only
+            break
         if name == "Self-Forcing":
             for block in model.blocks:
                 block.forward = timers[name].wrap(block.forward)
@@ -265,13 +281,14 @@ def main():
         if name == "Self-Forcing":
             return self_forcing_calls(model, e, z, s, args.window, not args.same_calls)
         cache = model.make_cache(h, w, max_frames=max_frames, sink_frames=args.sink, positions=args.positions)
-        cache.write = timers[name].wrap(cache.write)  # the commit belongs to the layer (Self-Forcing's is inside)
+        if device.type != "cuda":
+            cache.write = timers[name].wrap(cache.write)  # the commit belongs to the layer (Self-Forcing's is inside)
         return engine_calls(model, e, z, s, cache)
 
     sched = FewStepSchedule.from_denoising_steps([1000, 750, 500, 250], shift=5.0)
-    emb = torch.randn(1, 512, WAN_1_3B["text_dim"], generator=torch.Generator().manual_seed(0))
-    noise = SamplerNoise.from_seed(0, (1, 16, nF, h, w), num_renoise(sched))
-    warm = SamplerNoise.from_seed(1, (1, 16, 2 * K, h, w), num_renoise(sched))
+    emb = torch.randn(1, 512, WAN_1_3B["text_dim"], generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    noise = SamplerNoise.from_seed(0, (1, 16, nF, h, w), num_renoise(sched)).to(device)  # sampler: float32
+    warm = SamplerNoise.from_seed(1, (1, 16, 2 * K, h, w), num_renoise(sched)).to(device)
     names = list(models)
     for name in names:  # warm-up: memo tables, allocator, kernels
         drain(start(name, emb, warm, sched))
@@ -293,7 +310,7 @@ def main():
         order = names[r % len(names):] + names[:r % len(names)]
         seconds, results = lockstep({n: start(n, emb, noise, sched) for n in order}, clock)
         for n in names:
-            layers = timers[n].seconds
+            layers = timers[n].seconds if device.type != "cuda" else seconds[n]  # cuda: the whole call
             total[n].append(seconds[n])
             per_call[n].append(layers / (L * calls[n]))
             at30[n].append(seconds[n] - layers + layers * 30 / L)
@@ -306,7 +323,7 @@ def main():
 
     load = open("/proc/loadavg").read().split()[:3]
     win = f"window {args.window} frames, {args.sink} sinks, positions {args.positions}" if args.window else "no window"
-    print(f"\nWan-1.3B layer shape, float32, {L} layers, {S} tokens per frame (latent {h}x{w}), {args.blocks} blocks "
+    print(f"\nWan-1.3B layer shape, {args.dtype} on {args.device}, {L} layers, {S} tokens per frame (latent {h}x{w}), {args.blocks} blocks "
           f"x {K} latent frames, {steps} steps, 512 prompt tokens; {win}; {args.threads} threads; {args.clock} "
           f"seconds; load average {' '.join(load)}; {args.repeats} interleaved repeats\n")
     ref = "engine now"

@@ -21,12 +21,13 @@ def test_bench_gpu_tiny_cpu(tmp_path):
     bench = _load("bench_gpu")
     out = tmp_path / "r.json"
     info = bench.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--frames", "21", "--warmup", "0",
-                       "--repeats", "1", "--json", str(out)])
+                       "--repeats", "1", "--decoders", "vae", "fast", "--json", str(out)])
     assert json.loads(out.read_text())["results"] == info["results"]
-    (r,) = info["results"]
-    assert r["backend"] == "native" and r["num_frames"] == 21
-    assert len(r["block_generate_s"]) == 2  # 6 latent frames = 2 blocks of 3
-    assert r["fps"] > 0 and 0 < r["first_chunk_s"] <= r["seconds"] and 0 < r["vae_share"] < 1
+    assert [(r["backend"], r["decoder"]) for r in info["results"]] == [("native", "vae"), ("native", "fast")]
+    for r in info["results"]:
+        assert r["num_frames"] == 21
+        assert len(r["block_generate_s"]) == 2  # 6 latent frames = 2 blocks of 3
+        assert r["fps"] > 0 and 0 < r["first_chunk_s"] <= r["seconds"] and 0 < r["vae_share"] < 1
     assert info["skipped"] == {}
 
 

@@ -110,7 +110,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         emb_dtype = next(iter(ce.time_embedder.parameters())).dtype
         if t.dtype != emb_dtype and emb_dtype != torch.int8:
             t = t.to(emb_dtype)
-        temb = ce.time_embedder(t).type_as(torch.empty(0, dtype=dtype))  # (B*F, D)
+        temb = ce.time_embedder(t).to(dtype)  # (B*F, D)
         proj = ce.time_proj(ce.act_fn(temb))  # (B*F, 6D)
         return temb.unflatten(0, (B, nF)), proj.unflatten(0, (B, nF)).unflatten(2, (6, -1))
 
