@@ -464,3 +464,19 @@ def test_param_checksums_see_one_ulp():
     with torch.no_grad():
         m.weight[1, 2] = torch.nextafter(m.weight[1, 2], torch.tensor(10.0))
     assert not torch.equal(a, param_checksums(m))
+
+
+def test_learning_rate_schedules_warm_up_then_hold_or_decay_by_step_alone():
+    from engine.training.config import OptimConfig
+    from engine.training.trainer import lr_at
+
+    const = OptimConfig(lr=1e-3, warmup_steps=10)
+    assert [lr_at(const, s, 100) for s in (0, 5, 10, 99)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    cos = OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(cos, 10, 110) == pytest.approx(1e-3)  # the peak at the end of the warm-up
+    assert lr_at(cos, 60, 110) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: the mean of peak and floor
+    assert lr_at(cos, 110, 110) == pytest.approx(1e-4) and lr_at(cos, 500, 110) == pytest.approx(1e-4)
+    lrs = [lr_at(cos, s, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises after the warm-up
+    with pytest.raises(ValueError, match="schedule"):
+        from_dict(Config, {"optim": {"schedule": "linear"}}).validate()

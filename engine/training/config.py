@@ -127,7 +127,11 @@ class TrainLoopConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW. grad_clip: max global gradient norm (0 = no clipping). Linear warm-up over warmup_steps."""
+    """AdamW. grad_clip: max global gradient norm (0 = no clipping). Linear warm-up over warmup_steps.
+
+    schedule: constant | cosine (from lr down to min_lr_ratio x lr at train.max_steps, a function of the step
+        alone, so a resumed run repeats it exactly).
+    """
 
     lr: float = 2e-6
     betas: tuple[float, float] = (0.0, 0.999)
@@ -135,6 +139,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 10.0
     warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
 
 
 @dataclass
@@ -259,6 +265,8 @@ class Config:
             _check(o.weight_decay >= 0, f"{name}.weight_decay", o.weight_decay, ">= 0")
             _check(o.grad_clip >= 0, f"{name}.grad_clip", o.grad_clip, ">= 0 (0 = off)")
             _check(o.warmup_steps >= 0, f"{name}.warmup_steps", o.warmup_steps, ">= 0")
+            _check(o.schedule in ("constant", "cosine"), f"{name}.schedule", o.schedule, "constant or cosine")
+            _check(0 <= o.min_lr_ratio <= 1, f"{name}.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
         fm = self.flow_matching
         _check(0 <= fm.caption_dropout <= 1, "flow_matching.caption_dropout", fm.caption_dropout, "in [0, 1]")
         _check(0 <= fm.min_frac < fm.max_frac <= 1, "flow_matching.min_frac/max_frac", (fm.min_frac, fm.max_frac),

@@ -131,8 +131,13 @@ def make_accelerator(cfg: Config):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
-def _warmup(step: int, warmup_steps: int) -> float:
-    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+def lr_at(oc: OptimConfig, step: int, max_steps: int) -> float:
+    """The learning rate of `step`: linear warm-up, then constant or a cosine to min_lr_ratio x lr at max_steps."""
+    warm = 1.0 if oc.warmup_steps <= 0 else min(1.0, step / oc.warmup_steps)
+    if oc.schedule == "constant":
+        return oc.lr * warm
+    frac = min(1.0, max(0, step - oc.warmup_steps) / max(1, max_steps - oc.warmup_steps))
+    return oc.lr * warm * (oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def param_checksums(module: torch.nn.Module) -> torch.Tensor:
@@ -513,7 +518,7 @@ def _run_step(st: Stage, cfg: Config, acc, nets, opts, ema, state: TrainerState,
     for upd in st.updates(state.step):
         t0 = time.perf_counter()
         net, opt, oc = nets[upd.name], opts[upd.name], st.optim_configs[upd.name]
-        lr = oc.lr * _warmup(state.step, oc.warmup_steps)
+        lr = lr_at(oc, state.step, cfg.train.max_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
