@@ -518,3 +518,19 @@ def test_a_registered_prompt_grammar_is_a_component_the_config_names(monkeypatch
     assert seen == ["a red circle", "a red circle moving left"]
     with pytest.raises(ValueError, match=r"unknown prompt_grammar 'english'; accepted: None, 'moving', 'shapes'"):
         tiny_engine(prompt_grammar="english")
+
+
+@pytest.mark.parametrize("positions", ["absolute", "window"])
+def test_transformer_creates_nothing_on_the_cpu(positions):
+    """Every tensor of a forward lives on the inputs' device: on the meta device a stray CPU tensor (a table, a
+    `type_as` of a CPU tensor) is a device-mismatch error, as it is on a GPU, which CI does not have."""
+    with torch.device("meta"):
+        m = CausalWanTransformer3DModel(**tiny_transformer_config()).eval()
+    x, c = torch.randn(1, 4, 3, 8, 8, device="meta"), torch.randn(1, 5, 32, device="meta")
+    t = torch.full((1, 3), 500.0, device="meta")
+    with torch.no_grad():
+        assert m(x, t, c).sample.device.type == "meta"  # bidirectional, no cache
+        cache = m.make_cache(8, 8, max_frames=6, sink_frames=1, positions=positions)
+        for _ in range(4):  # past the window: eviction and, for window positions, re-indexing
+            assert m(x, t, c, kv_cache=cache).sample.device.type == "meta"
+            m(x, torch.zeros_like(t), c, kv_cache=cache, update_cache=True)
