@@ -127,18 +127,10 @@ class ShapesConfig:
             raise ValueError(f"switch kind 'object' adds an object: it needs min_objects < max_objects, got "
                              f"{self.min_objects}, {self.max_objects}")
         if self.switch_prob > 0 and not switch_blocks(self):
-            n = 5
-            while not switch_blocks(self.num_frames_fit(n)):
-                n += 4
+            n = next(n for n in range(5, 10_000, 4) if _switch_blocks(n, self.frames_per_block))
             raise ValueError(f"num_frames {self.num_frames} leaves no latent block to switch at (each side of a "
                              f"switch needs >= {MIN_SEGMENT_FRAMES} frames, {self.frames_per_block} latent frames "
                              f"per block): accepted num_frames >= {n} (1 + 4k), or switch_prob 0")
-
-    def num_frames_fit(self, num_frames: int) -> "ShapesConfig":
-        """A copy of this config for clips of num_frames frames (geometry only: no validation of the rest)."""
-        c = object.__new__(ShapesConfig)
-        c.__dict__.update(self.__dict__, num_frames=num_frames)
-        return c
 
     @property
     def scale(self) -> int:
@@ -223,12 +215,14 @@ def block_frame(block: int, cfg: "ShapesConfig") -> int:
 
 def switch_blocks(cfg: "ShapesConfig") -> list[int]:
     """Blocks a clip can switch at: at least MIN_SEGMENT_FRAMES frames before and after the block's first frame."""
-    out, b = [], 1
-    while block_frame(b, cfg) <= cfg.num_frames - MIN_SEGMENT_FRAMES:
-        if block_frame(b, cfg) >= MIN_SEGMENT_FRAMES:
-            out.append(b)
-        b += 1
-    return out
+    return _switch_blocks(cfg.num_frames, cfg.frames_per_block)
+
+
+def _switch_blocks(num_frames: int, frames_per_block: int) -> list[int]:
+    from ..live import block_start_frame
+
+    starts = [block_start_frame(b, frames_per_block, TEMPORAL) for b in range(1, num_frames)]
+    return [b for b, s in enumerate(starts, 1) if MIN_SEGMENT_FRAMES <= s <= num_frames - MIN_SEGMENT_FRAMES]
 
 
 @dataclass(frozen=True)
