@@ -65,3 +65,25 @@ def window_mask(num_frames: int, block: int, window: int, sink: int, tokens_per_
     allowed = (qb[None, :] == qb[:, None]) | ((f[None, :] < start[:, None]) & (
         (f[None, :] < sink) | (f[None, :] >= start[:, None] - (window - block - sink))))
     return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+class PerFramePromptAttention(WanAttnProcessor):
+    """The parent WanTransformer3DModel's own attention processor with per-frame prompts: the parent is given P
+    prompts joined along the tokens (B, P * Lc, text_dim) (its text projection is per token, so each is embedded
+    alone) and frame f's tokens attend to prompt prompt_of_frame[f] only; self_mask: an optional (L, L)
+    self-attention mask (block-causal). The reference for timeline conditioning
+    (`parent.set_attn_processor(PerFramePromptAttention(...))`)."""
+
+    def __init__(self, prompt_of_frame: list[int], tokens_per_frame: int, prompt_tokens: int,
+                 self_mask: torch.Tensor | None = None):
+        super().__init__()
+        self.prompt_of_frame, self.S, self.Lc = list(prompt_of_frame), tokens_per_frame, prompt_tokens
+        self.self_mask = self_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None:
+            return super().__call__(attn, hidden_states, None, self.self_mask, rotary_emb)
+        S, Lc = self.S, self.Lc
+        return torch.cat([super(PerFramePromptAttention, self).__call__(
+            attn, hidden_states[:, f * S:(f + 1) * S], encoder_hidden_states[:, p * Lc:(p + 1) * Lc], None, None)
+            for f, p in enumerate(self.prompt_of_frame)], dim=1)  # (B, F * S, D)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..live import block_at_seconds, block_start_frame
 from .evaluate import EVAL_PROMPTS, evaluate_video, mean_and_se
-from .shapes import COLORS, DIRECTIONS, ShapesConfig, parse_prompt, render, spec_from_prompt
+from .shapes import ShapesConfig, next_prompt, parse_prompt, render, spec_from_prompt
 
 WINDOW_FRAMES = 33   # the evaluator's clip length: the default model's training clips (2 s at 16 fps)
 REACH_BLOCKS = 2     # a switch must be on screen within this many blocks
@@ -88,20 +88,17 @@ def check_long_args(seconds, every=None) -> None:
 
 def switch_prompts(first: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n successive (prompt, change) after `first` (one object): change cycles colour, direction, both; the new
-    colour / direction is drawn (seeded) from those that differ from the current one. The shape stays."""
+    colour / direction is drawn (seeded) from those that differ from the current one (`shapes.next_prompt`, the
+    choice the training data's switch clips make too). The shape stays."""
     spec = parse_prompt(first, max_objects=None)
     if len(spec.objects) != 1:
         raise ValueError(f"prompt switches need one-object prompts, got {first!r}")
-    (color, shape), direction = spec.objects[0], spec.direction
     rng = np.random.default_rng([int(seed), 4243])
     out = []
     for j in range(n):
         change = CHANGE_CYCLE[j % len(CHANGE_CYCLE)]
-        if change in ("color", "both"):
-            color = str(rng.choice([c for c in COLORS if c != color]))
-        if change in ("direction", "both"):
-            direction = str(rng.choice([d for d in DIRECTIONS if d != direction]))
-        out.append((f"a {color} {shape} moving {direction}", change))
+        spec = next_prompt(spec, change, rng)
+        out.append((str(spec), change))
     return out
 
 

@@ -10,7 +10,11 @@ load with `from_pretrained`. What it adds (all through keyword arguments of `for
 - incremental inference through an explicit `KVCache` (`kv_cache`, `update_cache`): the input frames attend
   to the cached frames and to themselves; with `update_cache=True` their K/V are appended to the cache. Keys are
   rotated once, when computed, and cached rotated: a call rotates only its own frames;
-- cross-attention K/V computed once per prompt and kept in the cache.
+- cross-attention K/V computed once per prompt and kept in the cache;
+- per-frame prompts (a timeline as conditioning): `encoder_hidden_states` (B, F, Lc, text_dim) gives each latent
+  frame its own prompt, and each frame's tokens attend only to it (`prompt_spans`). Runs of frames with the same
+  prompt share one set of K/V, so one prompt repeated over the frames is exactly the (B, Lc, text_dim) call. A
+  cached call is one block under one prompt, as in the live stream (a switch resets the cache's cross K/V).
 
 Called exactly like its parent (no cache, no block size, (B,) timesteps) it computes what the parent computes.
 The model holds no sampling loop and no state between calls.
@@ -46,6 +50,23 @@ def _layer_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     w = norm.weight.to(x.dtype) if norm.weight is not None else None
     b = norm.bias.to(x.dtype) if norm.bias is not None else None
     return F_.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
+
+
+def prompt_spans(encoder_hidden_states: torch.Tensor, num_frames: int) -> list[tuple[int, int]]:
+    """Frame ranges [a, e) over which per-frame prompts (B, F, Lc, D) do not change (for any batch item).
+
+    A timeline holds a handful of prompts, so attending to one K/V per run (not per frame) costs no more than
+    one prompt does; a (B, Lc, D) prompt is one run over all frames.
+    """
+    if encoder_hidden_states.ndim == 3:
+        return [(0, num_frames)]
+    if encoder_hidden_states.ndim != 4 or encoder_hidden_states.shape[1] != num_frames:
+        raise ValueError(f"encoder_hidden_states must be (B, Lc, D) or per frame (B, F, Lc, D) with F = {num_frames} "
+                         f"latent frames, got {tuple(encoder_hidden_states.shape)}")
+    cuts = [f for f in range(1, num_frames)
+            if not torch.equal(encoder_hidden_states[:, f], encoder_hidden_states[:, f - 1])]
+    bounds = [0, *cuts, num_frames]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _join_past(past: tuple[torch.Tensor, torch.Tensor] | None, k: torch.Tensor, v: torch.Tensor):
@@ -128,9 +149,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         out = attn.to_out[1](attn.to_out[0](out))
         return out, k, v
 
-    def _cross_attention(self, attn, x, kv):
+    def _cross_attention(self, attn, x, kvs, spans):
+        """x (B, L, D); kvs: one (k, v) per token span [a, e) of `spans`, whose queries attend only to it."""
         q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, L, N, Dh)
-        out = dispatch_attention_fn(q, kv[0], kv[1], attn_mask=None, backend=attn.processor._attention_backend)
+        backend = attn.processor._attention_backend
+        if len(kvs) == 1:  # one prompt: today's call, bit for bit
+            out = dispatch_attention_fn(q, kvs[0][0], kvs[0][1], attn_mask=None, backend=backend)
+        else:  # softmax is per query token, so attending span by span is attending each token to its own prompt
+            out = torch.cat([dispatch_attention_fn(q[:, a:e], k, v, attn_mask=None, backend=backend)
+                             for (a, e), (k, v) in zip(spans, kvs)], dim=1)  # (B, L, N, Dh)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
 
     @staticmethod
@@ -140,8 +167,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         v = attn.to_v(context).unflatten(2, (attn.heads, -1))
         return k, v
 
-    def _block(self, block, x, e, n_groups, cross_kv, rope_q, join, mask):
-        """One transformer block; x (B, L, D), e (B, G, 6, D) modulation for G equal token groups (frames)."""
+    def _block(self, block, x, e, n_groups, cross_kvs, spans, rope_q, join, mask):
+        """One transformer block; x (B, L, D), e (B, G, 6, D) modulation for G equal token groups (frames);
+        cross_kvs: the prompt K/V of each token span of `spans`."""
         mods = (block.scale_shift_table.unsqueeze(0) + _at_least_f32(e)).unbind(2)  # 6 x (B, G, D)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [m.unsqueeze(2) for m in mods]  # (B, G, 1, D)
 
@@ -156,7 +184,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         x = gated(x, attn_out, gate_msa).type_as(x)
 
         h = _layer_norm(block.norm2, x).type_as(x)
-        x = x + self._cross_attention(block.attn2, h, cross_kv)
+        x = x + self._cross_attention(block.attn2, h, cross_kvs, spans)
 
         h = modulate(_layer_norm(block.norm3, x), c_shift, c_scale).type_as(x)
         x = gated(x, _at_least_f32(block.ffn(h)), c_gate).type_as(x)
@@ -180,7 +208,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """Predict the flow v = eps - x0 for hidden_states (B, C, F, H, W).
 
         timestep: (B,) or (B, F) model timesteps (0..1000). encoder_hidden_states: (B, Lc, text_dim) prompt
-        embeddings; may be None when kv_cache already holds this prompt's cross-attention K/V.
+        embeddings, or (B, F, Lc, text_dim) one prompt per latent frame (a timeline; not with a cache unless all
+        frames share it); may be None when kv_cache already holds this prompt's cross-attention K/V.
         """
         if encoder_hidden_states_image is not None or self.condition_embedder.image_embedder is not None:
             raise NotImplementedError("image conditioning (Wan I2V) is not supported by the causal model")
@@ -226,26 +255,37 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
 
         need_text = kv_cache is None or kv_cache.cross[0] is None
+        spans = [(0, nF * S)]
         if need_text:
             if encoder_hidden_states is None:
                 raise ValueError("encoder_hidden_states is required (the cache holds no prompt K/V)")
-            context = self.condition_embedder.text_embedder(encoder_hidden_states)  # (B, Lc, D)
+            frames = prompt_spans(encoder_hidden_states, nF)
+            if kv_cache is not None and len(frames) > 1:
+                raise ValueError(f"a cached call is one block under one prompt (its cross-attention K/V are cached), "
+                                 f"but the per-frame prompts change at frame(s) {[a for a, _ in frames[1:]]}: call "
+                                 f"block by block and reset kv_cache.cross at a switch, as the live stream does")
+            if encoder_hidden_states.ndim == 4:  # (B, F, Lc, Dt) -> the first frame of each run, (B, Lc, Dt)
+                prompts = [encoder_hidden_states[:, a] for a, _ in frames]
+                spans = [(a * S, e * S) for a, e in frames]
+            else:
+                prompts = [encoder_hidden_states]
+            contexts = [self.condition_embedder.text_embedder(p) for p in prompts]  # each (B, Lc, D)
 
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
         for i, block in enumerate(self.blocks):
             if need_text:
-                cross = self.cross_kv(block.attn2, context)
+                cross = [self.cross_kv(block.attn2, c) for c in contexts]
                 if kv_cache is not None:
-                    kv_cache.cross[i] = cross
+                    kv_cache.cross[i] = cross[0]
             else:
-                cross = kv_cache.cross[i]
+                cross = [kv_cache.cross[i]]
             if kv_cache is None:
                 join = None
             elif ckpt:  # the recompute in backward must see the cache as it is now
                 join = partial(_join_past, kv_cache.get(i))
             else:  # in place without autograd: the new K/V go into the buffers' free slots, attention reads a view
                 join = partial(kv_cache.extend, i)
-            args = (block, x, e, groups, cross, rope_q, join, mask)
+            args = (block, x, e, groups, cross, spans, rope_q, join, mask)
             if ckpt:
                 x, k_new, v_new = torch.utils.checkpoint.checkpoint(self._block, *args, use_reentrant=False)
             else:

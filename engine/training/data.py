@@ -1,8 +1,10 @@
 """Training data: deterministic, resumable, rank-sharded batches of latents and prompt embeddings.
 
 A *source* is an indexable collection of items; an item is a dict with `latents` (C, F, h, w) in the
-transformer's normalised latent space (optional) and either `prompt_embeds` (L, D) or a `caption` (encoded by
-the frozen text encoder, with a per-caption cache). Sources:
+transformer's normalised latent space (optional) and either `prompt_embeds` (L, D) or (F, L, D), or a `caption`
+(encoded by the frozen text encoder, with a per-caption cache) and optionally `frame_prompts` (one caption per
+latent frame: a clip whose prompt switches, its timeline as the conditioning). A batch of such items carries
+per-frame prompt embeddings (B, F, L, D), which the transformer's cross-attention reads frame by frame. Sources:
 
     SyntheticSource     random latents and embeddings (tests, benchmarks)
     ShapesSource        engine.data.shapes videos, VAE-encoded on the fly (captions only when no latents needed)
@@ -18,7 +20,8 @@ Latent directory format (`write_latent_dir`, `LatentDirSource`):
 
     meta.json                 {"format": "engine-latents/1", "num_samples": N, "latent_shape": [C, F, h, w] | null,
                                "embed_shape": [L, D], "source": {...}}
-    shard-*.safetensors       indices (n,) int64, prompt_embeds (n, L, D), [latents (n, C, F, h, w)];
+    shard-*.safetensors       indices (n,) int64, prompt_embeds (n, L, D) or (n, F, L, D) per latent frame,
+                              [latents (n, C, F, h, w)];
                               metadata {"captions": JSON list of n strings}
 
 meta.json is written last: a directory without it is incomplete (an interrupted cache) and is rebuilt.
@@ -52,7 +55,7 @@ def seeded(*keys: int) -> torch.Generator:
 
 @dataclass
 class Batch:
-    """One micro-batch. prompt_embeds (B, L, D) float32; latents (B, C, F, h, w) float32 or None; extra: any
+    """One micro-batch. prompt_embeds (B, L, D) float32, or (B, F, L, D) per latent frame; latents (B, C, F, h, w) float32 or None; extra: any
     other tensors of the source's items, stacked (e.g. ODE trajectories)."""
 
     prompt_embeds: torch.Tensor
@@ -123,13 +126,19 @@ class SyntheticSource:
 
 
 class ShapesSource:
-    """engine.data.shapes clips; latents by VAE encoding (the posterior mode, normalised), captions as text."""
+    """engine.data.shapes clips; latents by VAE encoding (the posterior mode, normalised), captions as text.
+
+    With switch clips (shapes switch_prob > 0) every item with latents also has `frame_prompts`, the prompt of
+    each latent frame (frame f lies in block f // frames_per_block), so that all batches have one form. Without
+    latents (prompt data for rollouts) an item is its first prompt.
+    """
 
     def __init__(self, shapes_cfg, seed: int, num_samples: int, vae=None):
         from engine.data.shapes import ShapesDataset
 
         self.dataset = ShapesDataset(shapes_cfg, seed=seed, length=num_samples)
         self.vae = vae
+        self.per_frame = shapes_cfg.switch_prob > 0
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -140,7 +149,29 @@ class ShapesSource:
         if not need_latents:  # captions need no rendering
             return {"caption": caption(self.dataset.spec(i))}
         item = self.dataset[i]
-        return {"caption": item["caption"], "latents": encode_video(self.vae, item["video"][None])[0]}
+        out = {"caption": item["caption"], "latents": encode_video(self.vae, item["video"][None])[0]}
+        if self.per_frame:
+            out["frame_prompts"] = frame_prompts(item["timeline"], out["latents"].shape[1],
+                                                 self.dataset.cfg.frames_per_block)
+        return out
+
+
+def frame_prompts(timeline, num_frames: int, frames_per_block: int) -> list[str]:
+    """The prompt in force at each of num_frames latent frames under a timeline [(block, prompt), ...]."""
+    from engine.live import check_timeline
+
+    timeline = check_timeline(timeline)
+    return [next(p for b, p in reversed(timeline) if b * frames_per_block <= f) for f in range(num_frames)]
+
+
+def embed_items(items: list[dict], prompts: "PromptEncoder") -> torch.Tensor:
+    """Prompt embeddings of items: (B, L, D), or (B, F, L, D) when the items carry per-frame prompts."""
+    if all("prompt_embeds" in it for it in items):
+        return torch.stack([it["prompt_embeds"] for it in items])
+    if "frame_prompts" in items[0]:
+        flat = [c for it in items for c in it["frame_prompts"]]
+        return prompts(flat).unflatten(0, (len(items), -1))  # (B * F, L, D) -> (B, F, L, D)
+    return prompts([it["caption"] for it in items])
 
 
 @torch.no_grad()
@@ -230,7 +261,7 @@ class LatentDirSource:
 
 def write_latent_shard(path: str | os.PathLike, indices, prompt_embeds: torch.Tensor,
                        latents: torch.Tensor | None = None, captions: list[str] | None = None) -> None:
-    """One shard file, written atomically. prompt_embeds (n, L, D), latents (n, C, F, h, w)."""
+    """One shard file, written atomically. prompt_embeds (n, L, D) or (n, F, L, D), latents (n, C, F, h, w)."""
     path = Path(path)
     tensors = {"indices": torch.as_tensor(list(indices), dtype=torch.int64),
                "prompt_embeds": prompt_embeds.detach().cpu().contiguous()}
@@ -290,7 +321,7 @@ def build_latent_cache(directory: str | os.PathLike, source: ShapesSource, promp
         items = [source.get(i, need_latents=True) for i in idx]
         caps = [it["caption"] for it in items]
         shard = directory / f"shard-r{rank:04d}-{c // chunk:06d}.safetensors"
-        write_latent_shard(shard, idx, prompts(caps), torch.stack([it["latents"] for it in items]), caps)
+        write_latent_shard(shard, idx, embed_items(items, prompts), torch.stack([it["latents"] for it in items]), caps)
     barrier()
     if is_main:  # shapes from any one shard
         with safe_open(str(sorted(directory.glob("shard-*.safetensors"))[0]), "pt") as f:
@@ -334,11 +365,8 @@ class TrainData:
 
     def collate(self, items: list[dict], indices: list[int]) -> Batch:
         captions = [it.get("caption", it.get("caption_text")) for it in items]
-        if all("prompt_embeds" in it for it in items):
-            emb = torch.stack([it["prompt_embeds"] for it in items])
-        else:
-            emb = self.prompts([it["caption"] for it in items])
+        emb = embed_items(items, self.prompts)
         latents = torch.stack([it["latents"] for it in items]) if self.need_latents else None
-        known = {"prompt_embeds", "latents", "caption", "caption_text"}
+        known = {"prompt_embeds", "latents", "caption", "caption_text", "frame_prompts"}
         extra = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in known}
         return Batch(emb, latents, captions if all(c is not None for c in captions) else None, indices, extra)

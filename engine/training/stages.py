@@ -289,16 +289,18 @@ def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: boo
 
 def shapes_config(cfg: Config) -> ShapesConfig:
     e = cfg.data.shapes
-    sized = {"height", "width", "num_frames", "fps"} & set(e)
+    from_engine = {"height", "width", "num_frames", "fps", "frames_per_block"}
+    sized = from_engine & set(e)
     if sized:
         raise ValueError(f"data.shapes must not set {sorted(sized)}: they come from engine.height / width / "
-                         f"num_frames / fps")
-    valid = {f.name for f in dataclasses.fields(ShapesConfig)} - {"height", "width", "num_frames", "fps"}
+                         f"num_frames / fps / num_frame_per_block")
+    valid = {f.name for f in dataclasses.fields(ShapesConfig)} - from_engine
     unknown = sorted(set(e) - valid)
     if unknown:
         raise ValueError(f"unknown data.shapes key(s) {unknown}; valid: {', '.join(sorted(valid))}")
     return ShapesConfig(height=cfg.engine.height, width=cfg.engine.width, num_frames=cfg.engine.num_frames,
-                        fps=cfg.engine.fps, **{k: tuple(v) if isinstance(v, list) else v for k, v in e.items()})
+                        fps=cfg.engine.fps, frames_per_block=cfg.engine.num_frame_per_block,
+                        **{k: tuple(v) if isinstance(v, list) else v for k, v in e.items()})
 
 
 def _plain(dc) -> dict:
@@ -336,13 +338,14 @@ class Stage:
 
     # -- conditioning
     def uncond_embedding(self, like: torch.Tensor) -> torch.Tensor:
-        """Embeddings of the negative prompt (zeros for an empty one), broadcast like `like` (B, L, D)."""
+        """Embeddings of the negative prompt (zeros for an empty one), broadcast like `like` (B, L, D) or per
+        frame (B, F, L, D): the unconditional branch has no timeline."""
         neg = self.cfg.engine.negative_prompt
         if neg and self.prompts.available:
             e = self.prompts([neg]).to(like.device, like.dtype)  # (1, L', D)
-            if e.shape[1] != like.shape[1]:
-                raise ValueError(f"negative prompt embeddings have {e.shape[1]} tokens, the data {like.shape[1]}")
-            return e.expand_as(like)
+            if e.shape[1] != like.shape[-2]:
+                raise ValueError(f"negative prompt embeddings have {e.shape[1]} tokens, the data {like.shape[-2]}")
+            return (e if like.ndim == 3 else e[:, None]).expand_as(like)
         return torch.zeros_like(like)
 
     def sample_embeddings(self) -> torch.Tensor:
@@ -408,9 +411,9 @@ class TeacherStage(Stage):
     def loss(self, batch: Batch, rnd: StepRandom):
         net = self.nets["teacher"]
         x = batch.latents.to(self.rt.device)  # (B, C, F, h, w)
-        emb = batch.prompt_embeds.clone()  # (B, L, D)
+        emb = batch.prompt_embeds.clone()  # (B, L, D), or (B, F, L, D): a timeline, one prompt per latent frame
         drop = torch.rand(emb.shape[0], generator=rnd.local("caption_dropout")) < self.cfg.flow_matching.caption_dropout
-        emb[drop] = 0.0  # the empty prompt: what CFG uses as uncond when engine.negative_prompt is ""
+        emb[drop] = 0.0  # per clip, its whole timeline: the empty prompt, CFG's uncond when negative_prompt is ""
         emb = emb.to(self.rt.device)
         loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb).sample, generator=rnd.local("fm"))
         logs["caption_dropout"] = drop.float().mean().item()

@@ -1,0 +1,86 @@
+"""Training on timeline clips: per-frame prompt embeddings from switch data, through the teacher stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.data.shapes import ShapesConfig
+from engine.testing import tiny_engine
+from engine.training.config import load_config
+from engine.training.data import PromptEncoder, ShapesSource, TrainData, build_latent_cache, frame_prompts
+from engine.training.stages import STAGES, Runtime, StepRandom, load_components, shapes_config
+
+
+def test_frame_prompts_follow_the_blocks_of_the_timeline():
+    assert frame_prompts([(0, "a"), (1, "b")], 6, 3) == ["a"] * 3 + ["b"] * 3
+    assert frame_prompts([(0, "a")], 4, 3) == ["a"] * 4
+    with pytest.raises(ValueError, match="timeline blocks must increase"):
+        frame_prompts([(0, "a"), (2, "b"), (1, "c")], 9, 3)
+    with pytest.raises(ValueError, match="must start at block 0"):
+        frame_prompts([(1, "a")], 6, 3)
+
+
+@pytest.fixture(scope="module")
+def switch_source():
+    eng = tiny_engine()
+    cfg = ShapesConfig(height=32, width=32, num_frames=21, switch_prob=1.0)
+    enc = PromptEncoder(eng.text_encoder, eng.tokenizer, 16, "cpu")
+    return ShapesSource(cfg, seed=0, num_samples=4, vae=eng.vae), enc
+
+
+def test_switch_batches_carry_one_prompt_embedding_per_latent_frame(switch_source, tmp_path):
+    src, enc = switch_source
+    data = TrainData(src, enc, batch_size=2, seed=0, need_latents=True)
+    batch = data.batch(0)
+    assert batch.latents.shape[:3] == (2, 4, 6) and batch.prompt_embeds.shape == (2, 6, 16, 32)  # (B, F, L, D)
+    for j, i in enumerate(batch.indices):
+        timeline = src.dataset[i]["timeline"]
+        assert len(timeline) == 2 and timeline[1][0] == 1  # 21 frames, 2 blocks: the switch is at block 1
+        want = enc([p for _, p in timeline])  # (2, L, D)
+        assert torch.equal(batch.prompt_embeds[j, :3], want[0].expand(3, -1, -1))
+        assert torch.equal(batch.prompt_embeds[j, 3:], want[1].expand(3, -1, -1))
+    # the latent cache keeps the per-frame embeddings
+    kw = dict(rank=0, world=1, barrier=lambda: None, is_main=True)
+    cache = build_latent_cache(tmp_path / "cache", src, enc, description={"v": 1}, **kw)
+    assert cache.embed_shape == (6, 16, 32)
+    cached = TrainData(cache, enc, batch_size=2, seed=0, need_latents=True).batch(0)
+    assert torch.equal(cached.prompt_embeds, batch.prompt_embeds)
+
+
+def _teacher(tmp_path, **over):
+    root = tmp_path / "base"
+    tiny_engine(seed=0).save_pretrained(root)
+    items = {"data.source": "shapes", "data.num_samples": 4, "train.tensorboard": False, "sample.every": 0,
+             "models.base": str(root), "data.shapes": {"switch_prob": 1.0}, **over}
+    args = [a for k, v in items.items() for a in (f"--{k}", json.dumps(v))]
+    cfg = load_config("tiny-teacher", args)
+    st = STAGES["teacher"](cfg, Runtime(torch.device("cpu"), output_dir=tmp_path), load_components(cfg, "teacher",
+                                                                                                  torch.device("cpu")))
+    st.bind(st.trainables, st.trainables)
+    return cfg, st
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_teacher_trains_on_timeline_clips_with_caption_dropout_per_clip(tmp_path, dropout):
+    cfg, st = _teacher(tmp_path, **{"flow_matching.caption_dropout": dropout})
+    assert shapes_config(cfg).frames_per_block == cfg.engine.num_frame_per_block
+    batch = st.data.batch(0)
+    assert batch.prompt_embeds.ndim == 4
+    seen = []
+    net = st.nets["teacher"]
+    forward = net.forward
+    net.forward = lambda x, t, emb, **kw: (seen.append(emb), forward(x, t, emb, **kw))[1]
+    loss, logs = st.loss(batch, StepRandom(0, 1, "teacher", 0, 0))
+    loss.backward()
+    assert torch.isfinite(loss) and logs["caption_dropout"] == dropout
+    want = torch.zeros_like(batch.prompt_embeds) if dropout else batch.prompt_embeds  # the whole timeline dropped
+    assert torch.equal(seen[0], want)
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_frames_per_block_comes_from_the_engine(tmp_path):
+    with pytest.raises(ValueError, match=r"must not set \['frames_per_block'\].*num_frame_per_block"):
+        _teacher(tmp_path, **{"data.shapes": {"frames_per_block": 2}})
