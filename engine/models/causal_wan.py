@@ -25,6 +25,7 @@ D model width, N heads, Dh head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -35,6 +36,14 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_1d
+
+
+@dataclass
+class FeatureOutput(Transformer2DModelOutput):
+    """The flow prediction `sample` and the hidden states (B, L, D) of the blocks `forward(feature_layers=...)`
+    asked for."""
+
+    features: list[torch.Tensor] | None = None
 
 
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -204,17 +213,25 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         num_frame_per_block: int | None = None,
         kv_cache: KVCache | None = None,
         update_cache: bool = False,
+        feature_layers: tuple[int, ...] | None = None,
     ):
         """Predict the flow v = eps - x0 for hidden_states (B, C, F, H, W).
 
         timestep: (B,) or (B, F) model timesteps (0..1000). encoder_hidden_states: (B, Lc, text_dim) prompt
         embeddings, or (B, F, Lc, text_dim) one prompt per latent frame (a timeline; not with a cache unless all
         frames share it); may be None when kv_cache already holds this prompt's cross-attention K/V.
+        feature_layers: also return the hidden states (B, L, D) after these blocks (0-based), in this order, as
+        `.features` of the output (DMD2's GAN head reads the critic's features); needs return_dict.
         """
         if encoder_hidden_states_image is not None or self.condition_embedder.image_embedder is not None:
             raise NotImplementedError("image conditioning (Wan I2V) is not supported by the causal model")
         if num_frame_per_block is not None and kv_cache is not None:
             raise ValueError("pass either num_frame_per_block (full sequence) or kv_cache (streaming), not both")
+        if feature_layers is not None:
+            bad = [i for i in feature_layers if not 0 <= i < len(self.blocks)]
+            if bad or not return_dict:
+                raise ValueError(f"feature_layers must be block indices in [0, {len(self.blocks)}) with return_dict, "
+                                 f"got {tuple(feature_layers)}, return_dict={return_dict}")
         B, C, nF, H, W = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         if p_t != 1:
@@ -272,6 +289,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             contexts = [self.condition_embedder.text_embedder(p) for p in prompts]  # each (B, Lc, D)
 
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
+        features = {}
         for i, block in enumerate(self.blocks):
             if need_text:
                 cross = [self.cross_kv(block.attn2, c) for c in contexts]
@@ -292,6 +310,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 x, k_new, v_new = self._block(*args)
             if kv_cache is not None and update_cache:
                 kv_cache.write(i, k_new, v_new)
+            if feature_layers is not None and i in feature_layers:
+                features[i] = x  # (B, L, D)
         if kv_cache is not None and update_cache:
             kv_cache.advance(nF)
 
@@ -304,4 +324,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
         if not return_dict:
             return (out,)
+        if feature_layers is not None:
+            return FeatureOutput(sample=out, features=[features[i] for i in feature_layers])
         return Transformer2DModelOutput(sample=out)

@@ -26,8 +26,8 @@ Self-Forcing's configs write `cond + g * (cond - uncond)`, so their `guidance_sc
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +185,16 @@ class DMDConfig:
     min_frac, max_frac: loss timesteps (shifted by engine.shift) clamped to [min_frac T, max_frac T].
     timesteps_from_rollout: draw the generator-loss timesteps inside the denoised-timestep range of the rollout
         (Self-Forcing's ts_schedule) instead of over [min_frac, max_frac].
+
+    DMD2's GAN term (off by default; Self-Forcing's model/gan.py): a classifier head on the critic's features,
+    trained in the critic step to tell real clips (the data's latents, so data.source must have them) from
+    generator samples, both noised to one random t; the generator adds its non-saturating GAN loss.
+    gan_weight: weight of the generator's GAN loss (Self-Forcing's gan_g_weight: 1e-2); needs
+        gan_critic_weight > 0 (an untrained head would only add noise).
+    gan_critic_weight: weight of the classifier loss added to the critic's denoising loss (gan_d_weight: 1e-2).
+    gan_layers: the critic blocks whose outputs the head reads (0-based; negative counts from the end;
+        Self-Forcing taps blocks 13, 21 and 29 of Wan-1.3B's 30).
+    gan_head_dim: the head's MLP width (0 = the critic's width). The head trains with critic_optim.
     """
 
     loss: str = "dmd"
@@ -195,6 +205,14 @@ class DMDConfig:
     min_frac: float = 0.02
     max_frac: float = 0.98
     timesteps_from_rollout: bool = False
+    gan_weight: float = 0.0
+    gan_critic_weight: float = 0.0
+    gan_layers: list[int] = field(default_factory=lambda: [-1])
+    gan_head_dim: int = 0
+
+    @property
+    def gan(self) -> bool:
+        return self.gan_weight > 0 or self.gan_critic_weight > 0
 
 
 @dataclass
@@ -280,6 +298,17 @@ class Config:
         _check(d.dfake_gen_update_ratio >= 1, "dmd.dfake_gen_update_ratio", d.dfake_gen_update_ratio, ">= 1")
         _check(0 <= d.min_frac < d.max_frac <= 1, "dmd.min_frac/max_frac", (d.min_frac, d.max_frac),
                "0 <= min_frac < max_frac <= 1")
+        for key in ("gan_weight", "gan_critic_weight"):
+            v = getattr(d, key)
+            _check(math.isfinite(v) and v >= 0, f"dmd.{key}", v, "a finite number >= 0 (0 = off)")
+        _check(not d.gan_weight or d.gan_critic_weight > 0, "dmd.gan_critic_weight", d.gan_critic_weight,
+               "> 0 when dmd.gan_weight > 0 (the generator's GAN loss needs a classifier that learns)")
+        _check(len(d.gan_layers) >= 1 and len(set(d.gan_layers)) == len(d.gan_layers), "dmd.gan_layers",
+               d.gan_layers, "one or more distinct critic block indices")
+        _check(d.gan_head_dim >= 0, "dmd.gan_head_dim", d.gan_head_dim, ">= 0 (0 = the critic's width)")
+        _check(not d.gan or self.data.source != "prompts", "data.source", self.data.source,
+               "shapes, latents or synthetic with dmd.gan_weight / gan_critic_weight > 0 (the GAN term needs real "
+               "clips; a prompt file has none)")
         _check(self.sample.every >= 0, "sample.every", self.sample.every, ">= 0 (0 = never)")
         _check(len(self.sample.prompts) >= 1, "sample.prompts", self.sample.prompts, "at least one prompt")
         self.engine.schedule()  # raises on a bad step list / shift / context_t

@@ -25,6 +25,8 @@ Papers:
 - SiD: Zhou et al. 2024, "Score identity Distillation: Exponentially Fast Distillation of Pretrained Diffusion
   Models for One-Step Generation" (ICML).
 - FGM: Huang et al. 2024, "Flow Generator Matching".
+- GAN term: DMD2 (above), Sec. 4.3, with the non-saturating loss of Goodfellow et al. 2014, "Generative
+  Adversarial Nets" (Sec. 3); Self-Forcing's `model/gan.py` applies it to video.
 - Self-Forcing: Huang et al. 2025, "Self Forcing: Bridging the Train-Test Gap in Autoregressive Video
   Diffusion" -- applies DMD / SiD to the generator's own KV-cached rollout (see `rollout.py`).
 """
@@ -49,6 +51,8 @@ __all__ = [
     "CriticLoss",
     "FlowMatchingLoss",
     "ODERegressionLoss",
+    "GANGeneratorLoss",
+    "GANCriticLoss",
     "GENERATOR_LOSSES",
     "make_generator_loss",
 ]
@@ -323,6 +327,78 @@ class ODERegressionLoss:
         dtype = _compute_dtype(x0_pred)
         loss = (x0_pred.to(dtype) - x0_target.detach().to(dtype)).square().mean()
         return loss, {"ode_loss": loss.item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DMD2's GAN term: a classifier D (a head on the critic's features) on noised clips.
+
+LogitFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, ...), t (B,)) -> logits (B,)
+
+
+def _logits(logit_fn: LogitFn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    out = logit_fn(x_t, t)
+    if out.shape != (x_t.shape[0],):
+        raise ValueError(f"logit_fn returned shape {tuple(out.shape)}, expected ({x_t.shape[0]},)")
+    return out.float()
+
+
+class GANGeneratorLoss:
+    """The generator's GAN term of DMD2 (Yin et al. 2024, Sec. 4.3): the non-saturating loss (Goodfellow et al.
+    2014, Sec. 3) of the classifier D on noised generator samples,
+
+        x_t = (1 - s) x + s eps,     loss = mean_B softplus(-D(x_t, t)) = -mean_B log sigmoid(D(x_t, t)),
+
+    so descending it raises D's "real" logit of the samples. The gradient reaches x through D (the critic's
+    features and the head); their parameters must not learn from it (the trainer freezes them). t and eps are
+    drawn as the other losses draw them, or given. logs: gan_g_loss, gan_fake_logit (mean), t_mean.
+    """
+
+    def __init__(self, schedule: FlowSchedule, min_frac: float = 0.02, max_frac: float = 0.98):
+        _check_fracs(min_frac, max_frac)
+        self.schedule, self.min_frac, self.max_frac = schedule, min_frac, max_frac
+
+    def __call__(self, x: torch.Tensor, logit_fn: LogitFn, generator=None, *, t: torch.Tensor | None = None,
+                 eps: torch.Tensor | None = None):
+        t, eps = _draw(self.schedule, x, generator, t, eps, self.min_frac, self.max_frac)
+        xc = x.to(eps.dtype)
+        logit = _logits(logit_fn, add_noise(xc, eps, _sigma(self.schedule, t, xc)), t)  # (B,)
+        loss = torch.nn.functional.softplus(-logit).mean()
+        return loss, {"gan_g_loss": loss.item(), "gan_fake_logit": logit.detach().mean().item(),
+                      "t_mean": t.mean().item()}
+
+
+class GANCriticLoss:
+    """The classifier's loss of DMD2's GAN term (Yin et al. 2024, Sec. 4.3; the discriminator loss of Goodfellow
+    et al. 2014, Eq. 1, in softplus form): real clips against generator samples, both noised to the same t,
+
+        loss = mean_B softplus(-D(real_t, t)) + mean_B softplus(D(fake_t, t)),
+
+    with real_t, fake_t = (1 - s) x + s eps for one eps shared by the pair (only the clip differs). Both clips
+    are detached: this step trains D (the head and the critic's features under it), never the generator. One
+    call of `logit_fn` on the (2B, ...) batch [fake; real]. logs: gan_d_loss, gan_real_logit, gan_fake_logit
+    (means), gan_accuracy (fraction of the 2B clips on the right side of 0), t_mean.
+    """
+
+    def __init__(self, schedule: FlowSchedule, min_frac: float = 0.02, max_frac: float = 0.98):
+        _check_fracs(min_frac, max_frac)
+        self.schedule, self.min_frac, self.max_frac = schedule, min_frac, max_frac
+
+    def __call__(self, real: torch.Tensor, fake: torch.Tensor, logit_fn: LogitFn, generator=None, *,
+                 t: torch.Tensor | None = None, eps: torch.Tensor | None = None):
+        if real.shape != fake.shape:
+            raise ValueError(f"real clips {tuple(real.shape)} and generator samples {tuple(fake.shape)} differ in "
+                             f"shape")
+        t, eps = _draw(self.schedule, fake, generator, t, eps, self.min_frac, self.max_frac)
+        sigma = _sigma(self.schedule, t, eps)
+        both = torch.cat([fake.detach().to(eps.dtype), real.detach().to(eps.dtype)])  # (2B, ...)
+        x_t = add_noise(both, torch.cat([eps, eps]), torch.cat([sigma, sigma]))
+        fake_logit, real_logit = _logits(logit_fn, x_t, torch.cat([t, t])).chunk(2)  # (B,) each
+        F = torch.nn.functional
+        loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+        right = torch.cat([real_logit > 0, fake_logit < 0]).float().mean()
+        return loss, {"gan_d_loss": loss.item(), "gan_real_logit": real_logit.detach().mean().item(),
+                      "gan_fake_logit": fake_logit.detach().mean().item(), "gan_accuracy": right.item(),
+                      "t_mean": t.mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------------------

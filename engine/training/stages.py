@@ -30,6 +30,7 @@ import torch
 
 from engine.data.shapes import VOCABULARY, ShapesConfig
 from engine.models.causal_wan import CausalWanTransformer3DModel
+from engine.models.gan_head import GANHead
 from engine.io import cast_module, load_model_weights, quiet_loaders, to_uint8
 from engine.pipeline import Engine
 from engine.sampling.block_sampler import num_renoise
@@ -40,7 +41,8 @@ from engine.sampling.schedule import FlowSchedule, flow_to_x0
 from .config import TINY_BASE, Config, OptimConfig
 from .data import (Batch, LatentDirSource, PromptEncoder, PromptFileSource, ShapesSource, SyntheticSource, TrainData,
                    build_latent_cache, seeded)
-from .losses import CriticLoss, FlowMatchingLoss, ODERegressionLoss, as_x0_fn, make_generator_loss
+from .losses import (CriticLoss, FlowMatchingLoss, GANCriticLoss, GANGeneratorLoss, ODERegressionLoss, as_x0_fn,
+                     make_generator_loss)
 from .ode import TrajectoryBank, guided_flow, ode_grid, ode_solve
 from .rollout import draw_exit_steps, self_forcing_rollout
 
@@ -89,10 +91,12 @@ def _tag(name: str) -> int:
 
 @dataclass
 class Update:
-    """One optimiser step of `name` on `loss(batch, random) -> (scalar loss, logs)`."""
+    """One optimiser step of `name` on `loss(batch, random) -> (scalar loss, logs)`; `also`: other trainables
+    the same loss trains, each stepped by its own optimiser in this update (the GAN head with the critic)."""
 
     name: str
     loss: Callable[[Batch, StepRandom], tuple[torch.Tensor, dict]]
+    also: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -315,6 +319,7 @@ class Stage:
 
     name = ""
     product = ""  # the model this stage produces ("teacher" or "generator"); its EMA is kept
+    state_only: tuple[str, ...] = ()  # trainables kept in the resume state only, not written as engine directories
 
     def __init__(self, cfg: Config, rt: Runtime, comps: Components):
         self.cfg, self.rt, self.comps = cfg, rt, comps
@@ -455,9 +460,9 @@ class _GeneratorStage(Stage):
         self.block = cfg.engine.num_frame_per_block
         return teacher, generator
 
-    def prompt_data(self, shape, text_dim):
-        self.data, self.prompts = build_data(self.cfg, self.comps, self.rt, need_latents=False, latent_shape=shape,
-                                             text_dim=text_dim)
+    def prompt_data(self, shape, text_dim, need_latents: bool = False):
+        self.data, self.prompts = build_data(self.cfg, self.comps, self.rt, need_latents=need_latents,
+                                             latent_shape=shape, text_dim=text_dim)
         self.check_sample_prompts()
 
 
@@ -560,8 +565,10 @@ class DMDStage(_GeneratorStage):
         self.trainables = {"generator": prepare_trainable(generator, cfg, rt.device),
                            "critic": prepare_trainable(critic, cfg, rt.device)}
         self.optim_configs = {"generator": cfg.optim, "critic": cfg.critic_optim}
-        self.prompt_data(self.shape, generator.config.text_dim)
         d = cfg.dmd
+        self.prompt_data(self.shape, generator.config.text_dim, need_latents=d.gan)  # real clips for the GAN term
+        if d.gan:
+            self._attach_gan_head(critic)
         kw = {"min_frac": d.min_frac, "max_frac": d.max_frac}
         if d.loss == "sid":
             kw["alpha"] = d.sid_alpha
@@ -575,10 +582,31 @@ class DMDStage(_GeneratorStage):
             raise ValueError(f"engine.local_attn_frames={e.local_attn_frames} is too small: it must be >= sink_frames "
                              f"+ 2 * num_frame_per_block = {e.sink_frames + 2 * self.block}")
 
+    def _attach_gan_head(self, critic) -> None:
+        """DMD2's classifier head on the critic's features: a trainable of its own (critic_optim), stepped with
+        the critic, kept in the resume state only."""
+        d, n = self.cfg.dmd, critic.config.num_layers
+        bad = [i for i in d.gan_layers if not -n <= i < n]
+        if bad:
+            raise ValueError(f"dmd.gan_layers {d.gan_layers}: {bad} out of range for a critic with {n} blocks "
+                             f"(valid: {-n}..{n - 1})")
+        self.gan_layers = tuple(i % n for i in d.gan_layers)
+        if len(set(self.gan_layers)) != len(self.gan_layers):
+            raise ValueError(f"dmd.gan_layers {d.gan_layers} name the same block twice (a critic with {n} blocks)")
+        dim = critic.config.num_attention_heads * critic.config.attention_head_dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed + 1)  # seeded apart from the run's other draws
+            head = GANHead(dim, len(self.gan_layers), d.gan_head_dim or dim)
+        self.trainables["gan_head"] = prepare_trainable(head, self.cfg, self.rt.device)
+        self.optim_configs["gan_head"] = self.cfg.critic_optim
+        self.state_only = ("gan_head",)
+        self.gan_generator_loss = GANGeneratorLoss(self.flow, min_frac=d.min_frac, max_frac=d.max_frac)
+        self.gan_critic_loss = GANCriticLoss(self.flow, min_frac=d.min_frac, max_frac=d.max_frac)
+
     def updates(self, step: int) -> list[Update]:
         train_generator = (step - 1) % self.cfg.dmd.dfake_gen_update_ratio == 0  # steps 1, 1 + ratio, ...
         ups = [Update("generator", self.generator_step)] if train_generator else []
-        return ups + [Update("critic", self.critic_step)]
+        return ups + [Update("critic", self.critic_step, also=("gan_head",) if self.cfg.dmd.gan else ())]
 
     # -- the rollout
     def _make_cache(self, differentiable: bool):
@@ -615,6 +643,17 @@ class DMDStage(_GeneratorStage):
         critic = self.score_nets["critic"]
         return as_x0_fn(lambda x_t, t: guided_flow(critic, x_t, t, cond, None, 1.0), self.flow)
 
+    def gan_logits(self, nets: dict, cond):
+        """D(x_t, t) (B,): the GAN head on the critic's features of x_t under the prompts `cond` (B', L, D),
+        repeated when x_t stacks several clips per prompt ([fake; real] in the critic step)."""
+        critic, head = nets["critic"], nets["gan_head"]
+
+        def logits(x_t, t):
+            c = cond.repeat(x_t.shape[0] // cond.shape[0], 1, 1)  # (B, L, D)
+            return head(critic(x_t, t, c, feature_layers=self.gan_layers).features)
+
+        return logits
+
     def _loss_timesteps(self, res, B: int, rnd: StepRandom):
         """Self-Forcing's ts_schedule: sigma uniform in the rollout's denoised range, clamped to [min, max]."""
         if not self.cfg.dmd.timesteps_from_rollout:
@@ -633,6 +672,12 @@ class DMDStage(_GeneratorStage):
             loss, logs = self.generator_loss(x, self.real_score(cond), self.fake_score(cond),
                                              generator=rnd.local("loss"), t=t)
         loss = loss * (res.grad_frames.numel() / int(res.grad_frames.sum()))  # masked frames: average over the frames with gradient
+        if self.cfg.dmd.gan_weight > 0:  # DMD2: the sample should also pass the classifier as real
+            with frozen(self.trainables["critic"]), frozen(self.trainables["gan_head"]):
+                gan, gan_logs = self.gan_generator_loss(x, self.gan_logits(self.score_nets, cond),
+                                                        generator=rnd.local("gan"), t=t)
+            loss = loss + self.cfg.dmd.gan_weight * gan
+            logs.update({k: v for k, v in gan_logs.items() if k != "t_mean"})
         lo, hi = res.timestep_range
         logs.update(time_rollout=t_roll, exit_step_mean=float(np.mean(res.exit_steps)), timestep_to=lo,
                     timestep_from=hi)
@@ -644,6 +689,12 @@ class DMDStage(_GeneratorStage):
         critic = self.nets["critic"]
         loss, logs = self.critic_loss(res.x0.detach(), lambda x_t, t: critic(x_t, t, cond).sample,
                                       generator=rnd.local("loss"))
+        if self.cfg.dmd.gan:  # DMD2: the critic's features also learn to tell real clips from samples
+            real = batch.latents.to(self.rt.device)  # (B, C, F, h, w), the data clips of these prompts
+            gan, gan_logs = self.gan_critic_loss(real, res.x0.detach(), self.gan_logits(self.nets, cond),
+                                                 generator=rnd.local("gan"))
+            loss = loss + self.cfg.dmd.gan_critic_weight * gan
+            logs.update({k: v for k, v in gan_logs.items() if k != "t_mean"})
         logs["time_rollout"] = t_roll
         return loss, logs
 

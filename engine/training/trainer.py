@@ -293,7 +293,7 @@ class Checkpointer:
         out = [(p, p, self.ema is not None)]
         if self.ema is not None:
             out.append((f"{p}_raw", p, False))
-        out += [(n, n, False) for n in self.nets if n != p]
+        out += [(n, n, False) for n in self.nets if n != p and n not in self.stage.state_only]
         return out
 
     def write_engine(self, target: Path, name: str, model: torch.nn.Module, step: int) -> None:
@@ -517,19 +517,23 @@ def _run_step(st: Stage, cfg: Config, acc, nets, opts, ema, state: TrainerState,
     skipped_any = False
     for upd in st.updates(state.step):
         t0 = time.perf_counter()
-        net, opt, oc = nets[upd.name], opts[upd.name], st.optim_configs[upd.name]
-        lr = lr_at(oc, state.step, cfg.train.max_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
+        names = (upd.name, *upd.also)  # the trainables this loss trains, each with its own optimiser
+        lrs = {}
+        for n in names:
+            lrs[n] = lr_at(st.optim_configs[n], state.step, cfg.train.max_steps)
+            for g in opts[n].param_groups:
+                g["lr"] = lrs[n]
+            opts[n].zero_grad(set_to_none=True)
         logs, ok, what = defaultdict(list), True, ""
         accum = cfg.train.grad_accum
         for micro in range(accum):
             batch = st.data.batch(state.micro_batches)
             state.micro_batches += 1
             rnd = StepRandom(cfg.train.seed, state.step, upd.name, micro, acc.process_index)
-            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(net)
-            with sync:
+            with contextlib.ExitStack() as sync:
+                if micro < accum - 1:  # gradients are all-reduced once, after the last micro-batch
+                    for n in names:
+                        sync.enter_context(acc.no_sync(nets[n]))
                 with acc.autocast():
                     loss, ulogs = upd.loss(batch, rnd)
                 if not _all_finite(acc, loss.item()):
@@ -538,25 +542,29 @@ def _run_step(st: Stage, cfg: Config, acc, nets, opts, ema, state: TrainerState,
                 acc.backward(loss / accum)
             for k, v in ulogs.items():
                 logs[k].append(float(v))
-        grad_norm = float("nan")
+        grad_norms = {n: float("nan") for n in names}
+        for n in names if ok else ():
+            oc = st.optim_configs[n]
+            params = [p for p in nets[n].parameters() if p.requires_grad]
+            grad_norms[n] = float(acc.clip_grad_norm_(params, oc.grad_clip if oc.grad_clip > 0 else float("inf")))
+            if not _all_finite(acc, grad_norms[n]):
+                ok, what = False, f"gradient norm {grad_norms[n]} ({n})"
         if ok:
-            params = [p for p in net.parameters() if p.requires_grad]
-            grad_norm = float(acc.clip_grad_norm_(params, oc.grad_clip if oc.grad_clip > 0 else float("inf")))
-            if not _all_finite(acc, grad_norm):
-                ok, what = False, f"gradient norm {grad_norm}"
-        if ok:
-            opt.step()
+            for n in names:
+                opts[n].step()
             if ema is not None and upd.name == st.product:
-                ema.update(acc.unwrap_model(net), state.step)
+                ema.update(acc.unwrap_model(nets[upd.name]), state.step)
         else:
             skipped_any = True
             log.message(f"warning: step {state.step}: non-finite {upd.name} {what}; update skipped")
-        opt.zero_grad(set_to_none=True)
+        for n in names:
+            opts[n].zero_grad(set_to_none=True)
         means = _mean_across(acc, {k: sum(v) / len(v) for k, v in logs.items()})
         for k, v in means.items():
             row[k if k.endswith("_loss") else f"{upd.name}/{k}"] = v
-        row[f"grad_norm/{upd.name}"] = grad_norm
-        row[f"lr/{upd.name}"] = lr
+        for n in names:
+            row[f"grad_norm/{n}"] = grad_norms[n]
+            row[f"lr/{n}"] = lrs[n]
         row[f"skipped/{upd.name}"] = int(not ok)
         row[f"time/{upd.name}_update"] = time.perf_counter() - t0
     state.nonfinite_total += int(skipped_any)
