@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -51,9 +52,20 @@ class Conditioning:
 
 # -- the loop -----------------------------------------------------------------------------------------------
 
+class StepRule(Protocol):
+    """How a block moves from step i to step i + 1 (`FlowStep`, `ddpm.DDIMStep`)."""
+
+    def __len__(self) -> int: ...  # the number of steps
+
+    def timestep(self, i): ...  # the network's timestep at step i (a float, or (B,) for per-sample steps)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i, noise: list[torch.Tensor],
+                 exit: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # -> (x0, x at step i + 1 unless exit)
+
+
 def block_loop(
     denoise: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
-    rule,
+    rule: StepRule,
     inputs: Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]],
     *,
     num_blocks: int,
@@ -98,6 +110,7 @@ def block_loop(
         e = len(rule) - 1 if exit_steps is None else exit_steps[b]
         for i in [e] if start == "exit" else range(e + 1):
             at_exit = start == "exit" or i == e
+            # grad="exit": the graph holds one network call per block, its input a constant of the earlier steps
             record = grad == "all" or (at_exit and (grad_blocks is None or grad_blocks[b]))
             with torch.set_grad_enabled(record and torch.is_grad_enabled()):
                 out = denoise(x, _t_frames(rule.timestep(i), B, n, x.device), False)
