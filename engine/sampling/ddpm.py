@@ -9,19 +9,21 @@ The alternative to flow matching (`schedule.py`) for models whose config says `n
 Beta schedules: "linear" (Ho et al. 2020, betas linear from beta_start to beta_end) and "cosine" (Nichol &
 Dhariwal 2021, diffusers' "squaredcos_cap_v2"). Training timesteps are uniform integers in [min_step, max_step]
 (the original system: 20 / 980 of 1000). Sampling is DDIM (Song et al. 2021, eq. 12; eta = 0 deterministic,
-eta = 1 DDPM-like), either over a whole clip or block by block with a KV cache, like the few-step sampler.
+eta = 1 DDPM-like), either over a whole clip or block by block with a KV cache: `DDIMStep` is a step rule of the
+few-step generator's own block loop (`block_sampler.block_loop`).
 
 A fresh DDIMScheduler is made for every call, so no step counter survives between calls.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+
+from .block_sampler import block_loop
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # our names -> diffusers' beta_schedule
 
@@ -121,41 +123,62 @@ def schedule_from_name(name: str, **kw):
     raise ValueError(f"unknown schedule {name!r}; accepted: flow, {', '.join(BETA_SCHEDULES)}")
 
 
+class DDIMStep:
+    """DDIM (Song et al. 2021, eq. 12) as a step rule of `block_sampler.block_loop`, through diffusers'
+    DDIMScheduler: the network predicts eps at integer timestep t_i; x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t),
+    x_{i+1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s noise, s = eta * (DDPM posterior std).
+
+    The scheduler keeps no step counter (its `step` reads the timestep it is given), and the noise of eta > 0 comes
+    from the caller's generator. A block's output is the sample after its last step (at alpha_prev = 1 when T is a
+    multiple of the step count, where it is the x0 prediction itself).
+    """
+
+    def __init__(self, schedule: DDPMSchedule, num_inference_steps: int, *, eta: float = 0.0,
+                 generator: torch.Generator | None = None):
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.scheduler = schedule.ddim_scheduler()
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        self.eta, self.generator = eta, generator
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def timestep(self, i: int) -> float:
+        return float(self.timesteps[i])
+
+    def __call__(self, x, eps, i: int, noise, exit: bool):
+        out = self.scheduler.step(eps.float(), self.timesteps[i], x, eta=self.eta, generator=self.generator)
+        return (out.prev_sample if i + 1 == len(self) else out.pred_original_sample), out.prev_sample
+
+
 def iter_ddim_blocks(model, cond: torch.Tensor, z: torch.Tensor, schedule: DDPMSchedule, num_inference_steps: int,
                      *, num_frame_per_block: int, cache=None, eta: float = 0.0,
                      generator: torch.Generator | None = None) -> Iterator[dict]:
-    """Block-autoregressive DDIM: each block of latent frames is denoised by a full DDIM run while attending to
-    the earlier (clean) blocks through `cache`; the clean block then fills the cache at t = 0.
+    """Block-autoregressive DDIM: `block_sampler.block_loop` with the DDIM step rule; each block of latent frames
+    is denoised by a full DDIM run while attending to the earlier (clean) blocks through `cache`; the clean block
+    then fills the cache at t = 0.
 
     model: an eps-predicting causal transformer; cond (B, Lc, text_dim); z (B, C, F, H, W) initial noise.
     cache: a KVCache sized for the clip (None: one is made). Yields {"block", "num_blocks", "start", "stop",
-    "x0", "seconds"} per block, like `block_sampler.iter_blocks`.
+    "x0", "exit", "seconds"} per block, like `block_sampler.iter_blocks`.
     """
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    B, _, n_frames, H, W = z.shape
-    if n_frames % num_frame_per_block:
-        raise ValueError(f"{n_frames} latent frames are not whole blocks of {num_frame_per_block}")
-    num_blocks = n_frames // num_frame_per_block
+    rule = DDIMStep(schedule, num_inference_steps, eta=eta, generator=generator)
+    k = num_frame_per_block
+    _, _, n_frames, H, W = z.shape
+    if n_frames % k:
+        raise ValueError(f"{n_frames} latent frames are not whole blocks of {k}")
     if cache is None:
-        cache = model.make_cache(H, W, max_frames=max(n_frames - num_frame_per_block, num_frame_per_block))
-    sched = schedule.ddim_scheduler()
-    sched.set_timesteps(num_inference_steps)
+        cache = model.make_cache(H, W, max_frames=max(n_frames - k, k))
     dtype = model.dtype
     cond = cond.to(z.device, dtype)
-    for b in range(num_blocks):
-        t0 = time.perf_counter()
-        start, stop = b * num_frame_per_block, (b + 1) * num_frame_per_block
-        x = z[:, :, start:stop].float()
-        for t in sched.timesteps:
-            tt = torch.full((B, stop - start), float(t), device=z.device)
-            eps = model(x.to(dtype), tt, cond, kv_cache=cache, update_cache=False).sample.float()
-            x = sched.step(eps, int(t), x, eta=eta, generator=generator).prev_sample
-        if b + 1 < num_blocks:
-            t_ctx = torch.zeros(B, stop - start, device=z.device)
-            model(x.to(dtype), t_ctx, cond, kv_cache=cache, update_cache=True)
-        yield {"block": b, "num_blocks": num_blocks, "start": start, "stop": stop, "x0": x,
-               "seconds": time.perf_counter() - t0}
+
+    def denoise(x, t, update):  # (B, C, Fb, H, W), (B, Fb) -> eps
+        return model(x.to(dtype), t, cond, kv_cache=cache, update_cache=update).sample
+
+    yield from block_loop(denoise, rule, lambda b: (z[:, :, b * k:(b + 1) * k].float(), []),
+                          num_blocks=n_frames // k, context=lambda b, x0, noise: (x0, 0.0))
 
 
 def ddim_sample(model, cond: torch.Tensor, z: torch.Tensor, schedule: DDPMSchedule, num_inference_steps: int = 50, *,

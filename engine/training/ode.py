@@ -23,7 +23,10 @@ from safetensors.torch import load_file
 
 from ..atomic import save_safetensors
 
-from engine.sampling.schedule import FlowSchedule
+from engine.sampling.block_sampler import FlowStep, block_loop
+from engine.sampling.schedule import FewStepSchedule, FlowSchedule
+
+from .losses import ODERegressionLoss
 
 
 def guided_flow(model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
@@ -77,6 +80,34 @@ def ode_solve(model, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor |
         raise ValueError(f"timesteps {missing} are not on the ODE grid")
     st = torch.stack(states, dim=1) if keep else x.new_zeros((B, 0, *x.shape[1:]))
     return st, x
+
+
+def ode_regression(model, bank: dict, idx: torch.Tensor, sched: FewStepSchedule, fpb: int,
+                   g: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The ODE-init loss on bank trajectories `idx` (CausVid / Self-Forcing's causal initialisation), as a teacher-
+    forced run of the block loop: per block, the x0 prediction from the state at a random step of the few-step
+    list (per sample) against the trajectory's x0, with the trajectory's clean x0 of the earlier blocks as KV-cache
+    context (where the sampler writes its own, at context_t = 0). Returns (mean loss, per-block losses).
+
+    bank: "states" (N, K, C, F, H, W) at the few-step timesteps, "x0" (N, C, F, H, W), "prompt_embeds" (N, L, D).
+    """
+    states, x0, emb = bank["states"][idx], bank["x0"][idx], bank["prompt_embeds"][idx]
+    B, n_frames = len(idx), x0.shape[2]
+    num_blocks = n_frames // fpb
+    cache = model.make_cache(x0.shape[3], x0.shape[4], max_frames=n_frames - fpb, differentiable=True)
+    exits = [torch.randint(0, len(sched), (B,), generator=g) for _ in range(num_blocks)]  # (B,) per block
+
+    def frames(b):
+        return slice(b * fpb, (b + 1) * fpb)
+
+    def denoise(x, t, update):  # (B, C, Fb, H, W), (B, Fb) -> flow
+        return model(x, t, emb, kv_cache=cache, update_cache=update).sample
+
+    blocks = block_loop(denoise, FlowStep(sched), lambda b: (states[torch.arange(B), exits[b]][:, :, frames(b)], []),
+                        num_blocks=num_blocks, exit_steps=exits, start="exit",
+                        context=lambda b, pred, noise: (x0[:, :, frames(b)], 0.0))
+    losses = [ODERegressionLoss()(info["x0"], x0[:, :, frames(info["block"])])[0] for info in blocks]
+    return torch.stack(losses).mean(), losses
 
 
 class TrajectoryBank:

@@ -9,8 +9,9 @@ random exit step e_b (shared by all processes, so every replica runs the same nu
     exit step:    (gradient)      x0_b = x - s_e v(x, t_e)              <- the block's output
     context:      (no gradient)   v(x0_b noised to context_t, context_t)  written to the KV cache
 
-so the graph of one rollout holds one network call per block, and training sees the same cache contents,
-timesteps and noise layout (`SamplerNoise`) as `block_sampler.iter_blocks` at inference. A block that exits at
+so the graph of one rollout holds one network call per block. It is the inference loop itself
+(`block_sampler.block_loop` with the step rule, noise layout and context pass of `iter_blocks`), given exit steps
+and grad="exit": training sees the same cache contents, timesteps and noise as inference by construction. A block that exits at
 step e stops at an intermediate sample of the few-step chain: its x0 prediction from t_e is what the generator
 would produce if it stopped there; the distribution-matching loss is applied to it.
 
@@ -32,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.models.kv_cache import KVCache
+from engine.sampling.block_sampler import Conditioning, FlowStep, block_loop, flow_context, flow_denoiser, noise_blocks
 from engine.sampling.noise import SamplerNoise
-from engine.sampling.schedule import FewStepSchedule, add_noise, flow_to_x0
+from engine.sampling.schedule import FewStepSchedule
 
 
 @dataclass
@@ -81,53 +83,31 @@ def self_forcing_rollout(
     grad_first_block: bool = True,
     dtype: torch.dtype | None = None,
 ) -> RolloutResult:
-    """Roll the generator out over all blocks of `noise` (see the module docstring).
+    """Roll the generator out over all blocks of `noise` (see the module docstring): the inference loop
+    (`block_sampler.block_loop` with the same step rule, noise and context) with exit steps and gradient only there.
 
     model: the causal transformer (possibly wrapped by DDP / FSDP), called as model(x, t (B, Fb), cond,
         kv_cache=..., update_cache=...). cond: prompt embeddings (B, L, D). noise: z0 (B, C, F, H, W) and the
         re-noising / context noises of `schedule` (`block_sampler.num_renoise`). make_cache: a fresh KV cache
         for this rollout; use a differentiable one when grad=True. grad=False: a plain sample (critic updates).
     """
-    B, _, n_frames, _, _ = noise.shape
-    if n_frames % num_frame_per_block:
-        raise ValueError(f"{n_frames} latent frames are not whole blocks of {num_frame_per_block}")
-    num_blocks = n_frames // num_frame_per_block
+    k = num_frame_per_block
+    if noise.shape[2] % k:
+        raise ValueError(f"{noise.shape[2]} latent frames are not whole blocks of {k}")
+    num_blocks = noise.shape[2] // k
     K = len(schedule)
     if len(exit_steps) != num_blocks or not all(0 <= e < K for e in exit_steps):
         raise ValueError(f"need one exit step in [0, {K}) per block ({num_blocks}), got {exit_steps}")
     if dtype is None:
         dtype = next(model.parameters()).dtype
-    sigmas, timesteps = schedule.sigmas, schedule.timesteps
-    device = noise.z0.device
-    cache = make_cache()
-    cond = cond.to(device, dtype)
-
-    def call(x, t, update=False):  # x (B, C, Fb, H, W) float32 -> flow (B, C, Fb, H, W)
-        t_frames = torch.full((B, x.shape[2]), float(t), device=device, dtype=torch.float32)  # (B, Fb)
-        return model(x.to(dtype), t_frames, cond, kv_cache=cache, update_cache=update).sample
-
-    outputs, ranges, grad_frames = [], [], []
-    for b in range(num_blocks):
-        start, stop = b * num_frame_per_block, (b + 1) * num_frame_per_block
-        x, steps = noise.block(start, stop)
-        x = x.float()
-        e = exit_steps[b]
-        with_grad = grad and (grad_first_block or b > 0)
-        with torch.no_grad():
-            for i in range(e):  # the steps before the exit: no gradient
-                x0 = flow_to_x0(x, call(x, timesteps[i]), sigmas[i])
-                x = add_noise(x0, steps[i], sigmas[i + 1])
-        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            if torch.is_grad_enabled():  # recompute the prompt's cross-attention K/V inside the graph (see above)
-                cache.cross = [None] * len(cache.cross)
-            x0 = flow_to_x0(x, call(x, timesteps[e]), sigmas[e])  # (B, C, Fb, H, W): the exit step
-        outputs.append(x0)
-        ranges.append((timesteps[e + 1] if e + 1 < K else 0.0, timesteps[e]))
-        grad_frames += [with_grad] * num_frame_per_block
-        if b + 1 < num_blocks:  # the clean (optionally re-noised) block becomes context, without gradient
-            with torch.no_grad():
-                ctx = x0.detach()
-                if schedule.context_t > 0:
-                    ctx = add_noise(ctx, steps[-1], schedule.context_sigma)  # the last noise is the context's
-                call(ctx, schedule.context_t, update=True)
-    return RolloutResult(torch.cat(outputs, dim=2), list(exit_steps), torch.tensor(grad_frames), ranges)
+    grad_blocks = [grad and (grad_first_block or b > 0) for b in range(num_blocks)]
+    denoise = flow_denoiser(model, Conditioning(cond.to(noise.z0.device, dtype)), make_cache(), dtype=dtype,
+                            text_grad=True)
+    blocks = block_loop(denoise, FlowStep(schedule), noise_blocks(noise, k, float32=True), num_blocks=num_blocks,
+                        exit_steps=exit_steps, grad="exit", grad_blocks=grad_blocks,
+                        context=flow_context(schedule, detach=True))
+    x0 = torch.cat([info["x0"] for info in blocks], dim=2)  # (B, C, F, H, W)
+    ts = schedule.timesteps
+    ranges = [(ts[e + 1] if e + 1 < K else 0.0, ts[e]) for e in exit_steps]
+    grad_frames = torch.tensor([g for g in grad_blocks for _ in range(k)])
+    return RolloutResult(x0, list(exit_steps), grad_frames, ranges)

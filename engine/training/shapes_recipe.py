@@ -61,9 +61,9 @@ from engine.pipeline import Engine
 from engine.sampling.block_sampler import Conditioning, num_renoise, sample
 from engine.sampling.codec import decode_full, normalize_latents
 from engine.sampling.noise import SamplerNoise
-from engine.sampling.schedule import FewStepSchedule, FlowSchedule, flow_to_x0
-from engine.training.losses import CriticLoss, DMDLoss, FlowMatchingLoss, ODERegressionLoss, as_x0_fn, cfg as cfg_fn
-from engine.training.ode import ode_grid, ode_solve
+from engine.sampling.schedule import FewStepSchedule, FlowSchedule
+from engine.training.losses import CriticLoss, DMDLoss, FlowMatchingLoss, as_x0_fn, cfg as cfg_fn
+from engine.training.ode import ode_grid, ode_regression, ode_solve
 from engine.training.config import positive_minutes
 from engine.training.rollout import draw_exit_steps, self_forcing_rollout
 from engine.training.trainer import EMA
@@ -483,29 +483,6 @@ def stage_ode_bank(c: RecipeConfig, resume: bool) -> None:
 def read_bank(c: RecipeConfig):
     parts = [load_file(p) for p in sorted((c.run / "ode").glob("bank-*.safetensors"))]
     return {k: torch.cat([p[k] for p in parts]) for k in ("states", "x0", "prompt_embeds")}
-
-
-def ode_regression(model, bank: dict, idx: torch.Tensor, sched: FewStepSchedule, fpb: int,
-                   g: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The ODE-init loss on bank trajectories `idx`: per block, the x0 prediction from a random step of the
-    few-step list (per sample) against the trajectory's x0, with the clean x0 of the earlier blocks as KV-cache
-    context (as the sampler writes it, context_t = 0). Returns (mean loss, per-block losses)."""
-    states, x0, emb = bank["states"][idx], bank["x0"][idx], bank["prompt_embeds"][idx]
-    ts, sig = torch.tensor(sched.timesteps), torch.tensor(sched.sigmas)
-    B, n_frames = len(idx), x0.shape[2]
-    cache = model.make_cache(x0.shape[3], x0.shape[4], max_frames=n_frames - fpb, differentiable=True)
-    losses = []
-    for b in range(n_frames // fpb):
-        sl = slice(b * fpb, (b + 1) * fpb)
-        k = torch.randint(0, len(sched), (B,), generator=g)  # per-sample step of the few-step list
-        x_in = states[torch.arange(B), k][:, :, sl]  # (B, C, Fb, H, W)
-        t = ts[k][:, None].expand(B, fpb).float()  # (B, Fb)
-        v = model(x_in, t, emb, kv_cache=cache).sample
-        pred = flow_to_x0(x_in, v, sig[k][:, None].expand(B, fpb))
-        losses.append(ODERegressionLoss()(pred, x0[:, :, sl])[0])
-        if b + 1 < n_frames // fpb:
-            model(x0[:, :, sl], torch.zeros(B, fpb), emb, kv_cache=cache, update_cache=True)
-    return torch.stack(losses).mean(), losses
 
 
 def stage_ode_init(c: RecipeConfig, resume: bool) -> None:
