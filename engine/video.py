@@ -25,7 +25,11 @@ def _add_stream(container, H: int, W: int, fps: int, crf: int, **options):
     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
     stream.height, stream.width = H + H % 2, W + W % 2  # yuv420p needs even sizes: see _pad_even
     stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": str(crf), "preset": "veryfast", **options}
+    # mbtree=0: with x264's macroblock tree, small frames (64x64 and below here) encoded to different bitstreams
+    # from run to run (up to 22 levels apart once decoded; it reads memory it did not write), so a seed's mp4
+    # was not always its video. Without it every encode of the same frames is the same bytes.
+    params = ":".join(p for p in ("mbtree=0", options.pop("x264-params", "")) if p)
+    stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": params, **options}
     return stream
 
 
