@@ -339,6 +339,42 @@ def test_ode_init_from_a_prompt_file_with_a_trajectory_bank(dirs, tmp_path):
         train(tiny("ode-init", dirs, **{**over, "ode.num_steps": 5}), tmp_path / "run", resume=True)
 
 
+def test_ode_init_loss_is_the_block_loop_regression_with_clean_context(dirs, tmp_path):
+    """The stage's default loss is `ode_regression` (the recipe's ODE init, clean KV-cache context) on the same
+    batch and random stream; `ode.context: noisy` is the one-call block-causal form, a different number."""
+    from engine.training.ode import ode_regression
+
+    over = {"models.base": str(dirs / "teacher"), "ode.num_trajectories": 2, "train.batch_size": 2}
+    st = build_stage(tiny("ode-init", dirs, **over), tmp_path / "a")
+    batch, rnd = st.data.batch(0), StepRandom(0, 1, "generator", 0, 0)
+    loss, logs = st.loss(batch, rnd)
+    bank = {"states": batch.extra["states"], "x0": batch.extra["x0"], "prompt_embeds": batch.prompt_embeds}
+    want, per_block = ode_regression(st.trainables["generator"], bank, torch.arange(2), st.schedule, st.block,
+                                     rnd.local("steps"))
+    assert torch.equal(loss, want) and logs["ode_loss"] == want.item()
+    assert [logs[f"ode_block{b}"] for b in range(2)] == [float(v) for v in per_block]
+    noisy = build_stage(tiny("ode-init", dirs, **over, **{"ode.context": "noisy"}), tmp_path / "a")
+    other, nlogs = noisy.loss(batch, rnd)
+    assert torch.isfinite(other) and "t_mean" in nlogs and not torch.equal(other, loss)
+    with pytest.raises(ValueError, match="ode.context = 'mixed' is invalid: expected clean .* or noisy"):
+        tiny("ode-init", dirs, **{"ode.context": "mixed"})
+
+
+def test_ode_init_resume_is_exact(dirs, tmp_path):
+    over = {"train.max_steps": 4, "train.save_every": 100, "data.num_samples": 3, "ode.num_trajectories": 3,
+            "train.ema_decay": 0.5, "train.ema_start_step": 2}
+    train(tiny("ode-init", dirs, **over), tmp_path / "straight")
+    train(tiny("ode-init", dirs, **over), tmp_path / "stopped", max_steps=2)
+    train(tiny("ode-init", dirs, **over), tmp_path / "stopped", resume=True)
+    a, b = rows(tmp_path / "straight"), rows(tmp_path / "stopped")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and all(np.isfinite(r["ode_loss"]) for r in b)
+    assert [strip_times(r) for r in a] == [strip_times(r) for r in b]
+    for name in ("generator", "generator_raw"):
+        sa = param_checksums(Engine.from_pretrained(tmp_path / "straight" / name).transformer)
+        sb = param_checksums(Engine.from_pretrained(tmp_path / "stopped" / name).transformer)
+        assert torch.equal(sa, sb), name
+
+
 def test_resume_is_exact(dirs, tmp_path):
     over = {"train.max_steps": 5, "dmd.dfake_gen_update_ratio": 2, "train.ema_decay": 0.5, "train.ema_start_step": 2,
             "train.save_every": 100, "data.num_samples": 3, "train.grad_accum": 2}

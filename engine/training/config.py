@@ -166,11 +166,16 @@ class ODEConfig:
         the kept states are exact). guidance_scale: standard convention (Self-Forcing 3.0 = 4.0 here).
     num_trajectories: 0 = fresh trajectories every step; N > 0 = a fixed bank of N trajectories generated once
         into <output_dir>/trajectories (sharded over processes, reused on resume) and cycled through.
+    context: clean (default; the recipe's algorithm, `ode.ode_regression`): per block, the x0 prediction from
+        the trajectory's state at a random few-step timestep (per sample), with the earlier blocks' clean x0 of
+        the trajectory in the KV cache, as inference fills it. noisy: one call over the whole clip under the
+        block-causal mask, every block at its own noisy state (Self-Forcing's original ODE init).
     """
 
     num_steps: int = 48
     guidance_scale: float = 4.0
     num_trajectories: int = 0
+    context: str = "clean"
 
 
 @dataclass
@@ -292,6 +297,9 @@ class Config:
         _check(fm.sample_steps >= 1, "flow_matching.sample_steps", fm.sample_steps, ">= 1")
         _check(self.ode.num_steps >= 1, "ode.num_steps", self.ode.num_steps, ">= 1")
         _check(self.ode.num_trajectories >= 0, "ode.num_trajectories", self.ode.num_trajectories, ">= 0")
+        _check(self.ode.context in ("clean", "noisy"), "ode.context", self.ode.context,
+               "clean (per block, the earlier blocks' clean x0 in the KV cache, as at inference) or noisy (one "
+               "call under the block-causal mask, the earlier blocks at their noisy states)")
         d = self.dmd
         _check(d.loss in ("dmd", "sid", "fgm"), "dmd.loss", d.loss, "one of dmd, sid, fgm")
         _check(d.critic_target in ("flow", "eps"), "dmd.critic_target", d.critic_target, "flow or eps")

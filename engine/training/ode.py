@@ -83,18 +83,20 @@ def ode_solve(model, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor |
 
 
 def ode_regression(model, bank: dict, idx: torch.Tensor, sched: FewStepSchedule, fpb: int,
-                   g: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   g: torch.Generator, *, cache_model=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The ODE-init loss on bank trajectories `idx` (CausVid / Self-Forcing's causal initialisation), as a teacher-
     forced run of the block loop: per block, the x0 prediction from the state at a random step of the few-step
     list (per sample) against the trajectory's x0, with the trajectory's clean x0 of the earlier blocks as KV-cache
     context (where the sampler writes its own, at context_t = 0). Returns (mean loss, per-block losses).
 
     bank: "states" (N, K, C, F, H, W) at the few-step timesteps, "x0" (N, C, F, H, W), "prompt_embeds" (N, L, D).
+    cache_model: the module whose `make_cache` builds the KV cache when `model` is a wrapper without one (DDP);
+    default `model`. The exit steps are drawn from `g`, one (B,) per block in block order.
     """
     states, x0, emb = bank["states"][idx], bank["x0"][idx], bank["prompt_embeds"][idx]
     B, n_frames = len(idx), x0.shape[2]
     num_blocks = n_frames // fpb
-    cache = model.make_cache(x0.shape[3], x0.shape[4], max_frames=n_frames - fpb, differentiable=True)
+    cache = (cache_model or model).make_cache(x0.shape[3], x0.shape[4], max_frames=n_frames - fpb, differentiable=True)
     exits = [torch.randint(0, len(sched), (B,), generator=g) for _ in range(num_blocks)]  # (B,) per block
 
     def frames(b):

@@ -1,8 +1,9 @@
 """The three training stages: what each one builds, checks and computes. The loop lives in trainer.py.
 
     teacher    flow matching of a bidirectional Wan transformer on video latents, caption dropout for CFG
-    ode-init   regression of the causal generator on the teacher's ODE trajectories (block-causal mask, one
-               random few-step timestep per block), CausVid / Self-Forcing's initialisation
+    ode-init   regression of the causal generator on the teacher's ODE trajectories (per block, one random few-step
+               timestep per sample, the earlier blocks' clean x0 in the KV cache as at inference: `ode_regression`;
+               or `ode.context: noisy`, one call under the block-causal mask), CausVid / Self-Forcing's init
     dmd        Self-Forcing distillation: generator rollout with its own KV cache; real score = frozen teacher
                with CFG; fake score = critic initialised from the teacher; DMD, SiD or FGM generator loss
 
@@ -43,7 +44,7 @@ from .data import (Batch, LatentDirSource, PromptEncoder, PromptFileSource, Shap
                    build_latent_cache, seeded)
 from .losses import (CriticLoss, FlowMatchingLoss, GANCriticLoss, GANGeneratorLoss, ODERegressionLoss, as_x0_fn,
                      make_generator_loss)
-from .ode import TrajectoryBank, guided_flow, ode_grid, ode_solve
+from .ode import TrajectoryBank, guided_flow, ode_grid, ode_regression, ode_solve
 from .rollout import draw_exit_steps, self_forcing_rollout
 
 COMPAT_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")
@@ -473,7 +474,12 @@ def _copy(model: CausalWanTransformer3DModel) -> CausalWanTransformer3DModel:
 
 
 class ODEInitStage(_GeneratorStage):
-    """Causal initialisation: regress the generator's x0 prediction from teacher ODE states onto the ODE's end."""
+    """Causal initialisation: regress the generator's x0 prediction from teacher ODE states onto the ODE's end.
+
+    ode.context clean (default): `ode.ode_regression`, the block loop teacher-forced on the trajectory, each block
+    after the trajectory's clean x0 of the earlier blocks in the KV cache (what inference writes there), so
+    training sees what inference does. noisy: Self-Forcing's original form, one call over the whole clip.
+    """
 
     name = "ode-init"
 
@@ -536,7 +542,19 @@ class ODEInitStage(_GeneratorStage):
         else:
             z = torch.randn((cond.shape[0], *self.shape), generator=rnd.local("z")).to(dev)
             states, x0 = self._trajectories(cond, z)  # (B, K, C, F, h, w), (B, C, F, h, w)
+        if self.cfg.ode.context == "noisy":
+            return self._noisy_context_loss(states, x0, cond, rnd)
+        trajectories = {"states": states, "x0": x0, "prompt_embeds": cond}
+        loss, per_block = ode_regression(self.nets["generator"], trajectories, torch.arange(cond.shape[0]),
+                                         self.schedule, self.block, rnd.local("steps"),
+                                         cache_model=self.trainables["generator"])
+        return loss, {"ode_loss": loss.item(), **{f"ode_block{b}": float(v.detach()) for b, v in enumerate(per_block)}}
+
+    def _noisy_context_loss(self, states, x0, cond, rnd: StepRandom):
+        """`ode.context: noisy`: the whole clip in one call under the block-causal mask, each block at its own
+        trajectory state (the earlier blocks' context noisy too, unlike inference)."""
         B, K, C, F, h, w = states.shape
+        dev = states.device
         k = torch.randint(0, K, (B, F // self.block), generator=rnd.local("steps"))  # one step per block
         k = k.repeat_interleave(self.block, dim=1).to(dev)  # (B, F)
         x_in = states.gather(1, k[:, None, None, :, None, None].expand(B, 1, C, F, h, w))[:, 0]  # (B, C, F, h, w)
