@@ -352,7 +352,7 @@ def test_ode_init_loss_is_the_block_loop_regression_with_clean_context(dirs, tmp
     want, per_block = ode_regression(st.trainables["generator"], bank, torch.arange(2), st.schedule, st.block,
                                      rnd.local("steps"))
     assert torch.equal(loss, want) and logs["ode_loss"] == want.item()
-    assert [logs[f"ode_block{b}"] for b in range(2)] == [float(v) for v in per_block]
+    assert [logs[f"ode_block{b}"] for b in range(2)] == [float(v.detach()) for v in per_block]
     noisy = build_stage(tiny("ode-init", dirs, **over, **{"ode.context": "noisy"}), tmp_path / "a")
     other, nlogs = noisy.loss(batch, rnd)
     assert torch.isfinite(other) and "t_mean" in nlogs and not torch.equal(other, loss)
@@ -373,6 +373,66 @@ def test_ode_init_resume_is_exact(dirs, tmp_path):
         sa = param_checksums(Engine.from_pretrained(tmp_path / "straight" / name).transformer)
         sb = param_checksums(Engine.from_pretrained(tmp_path / "stopped" / name).transformer)
         assert torch.equal(sa, sb), name
+
+
+@pytest.fixture(scope="module")
+def ode_bank(dirs, tmp_path_factory):
+    """A 3-trajectory bank of the tiny teacher, written by an ode-init run."""
+    out = tmp_path_factory.mktemp("ode-bank")
+    train(tiny("ode-init", dirs, **{"ode.num_trajectories": 3, "train.max_steps": 1, "data.num_samples": 3}), out)
+    return out
+
+
+def test_dmd_regression_term_adds_weight_times_the_ode_loss_gradient(dirs, ode_bank, tmp_path):
+    """dmd.regression_weight w: the generator's gradient is exactly today's DMD gradient + w x the gradient of the
+    ODE-init loss on a bank batch (closed form on the tiny model); w = 0 is today's step bit for bit."""
+    base = {"models.base": str(dirs / "teacher")}
+
+    def grads(st, fn):
+        st.trainables["generator"].zero_grad(set_to_none=True)
+        loss, logs = fn(st.data.batch(0), StepRandom(0, 1, "generator", 0, 0))
+        loss.backward()
+        return loss.detach(), logs, [p.grad.clone() for p in st.trainables["generator"].parameters()]
+
+    today = build_stage(tiny("dmd", dirs, **base), tmp_path)
+    l0, logs0, g0 = grads(today, today.generator_step)
+    off = build_stage(tiny("dmd", dirs, **base, **{"models.ode_bank": str(ode_bank)}), tmp_path)
+    l_off, logs_off, g_off = grads(off, off.generator_step)
+    assert torch.equal(l0, l_off) and all(torch.equal(a, b) for a, b in zip(g0, g_off)) and "ode_loss" not in logs_off
+    w = 0.7
+    on = build_stage(tiny("dmd", dirs, **base, **{"models.ode_bank": str(ode_bank / "trajectories"),
+                                                  "dmd.regression_weight": w}), tmp_path)
+    lw, logs_w, gw = grads(on, on.generator_step)
+    reg, _, gr = grads(on, lambda batch, rnd: (on.regression_loss(rnd), {}))
+    assert logs_w["ode_loss"] == reg.item() and torch.allclose(lw, l0 + w * reg)
+    assert sum(float(g.abs().sum()) for g in gr) > 0
+    for a, b, r in zip(gw, g0, gr):
+        torch.testing.assert_close(a, b + w * r, rtol=1e-5, atol=1e-7)
+
+
+def test_dmd_regression_term_checks_its_bank(dirs, ode_bank, tmp_path):
+    with pytest.raises(ValueError, match="models.ode_bank = None is invalid: expected a trajectory bank directory"):
+        tiny("dmd", dirs, **{"dmd.regression_weight": 0.5})
+    with pytest.raises(ValueError, match=r"dmd.regression_weight = -1.0 is invalid: expected a finite number >= 0"):
+        tiny("dmd", dirs, **{"dmd.regression_weight": -1, "models.ode_bank": str(ode_bank)})
+    over = {"dmd.regression_weight": 0.5, "models.base": str(dirs / "teacher")}
+    with pytest.raises(FileNotFoundError, match="models.ode_bank = .*nowhere does not exist"):
+        build_stage(tiny("dmd", dirs, **over, **{"models.ode_bank": str(tmp_path / "nowhere")}), tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no trajectory bank"):
+        build_stage(tiny("dmd", dirs, **over, **{"models.ode_bank": str(dirs)}), tmp_path)
+    with pytest.raises(ValueError, match="was made for other settings"):
+        build_stage(tiny("dmd", dirs, **over, **{"models.ode_bank": str(ode_bank), "engine.shift": 3.0}), tmp_path)
+
+
+def test_dmd_with_the_regression_term_resumes_exactly(dirs, ode_bank, tmp_path):
+    over = {"train.max_steps": 3, "dmd.dfake_gen_update_ratio": 1, "train.save_every": 100, "data.num_samples": 3,
+            "dmd.regression_weight": 0.5, "models.ode_bank": str(ode_bank)}
+    train(tiny("dmd", dirs, **over), tmp_path / "straight")
+    train(tiny("dmd", dirs, **over), tmp_path / "stopped", max_steps=2)
+    train(tiny("dmd", dirs, **over), tmp_path / "stopped", resume=True)
+    a, b = rows(tmp_path / "straight"), rows(tmp_path / "stopped")
+    assert all(np.isfinite(r["ode_loss"]) for r in a)
+    assert [strip_times(r) for r in a] == [strip_times(r) for r in b]
 
 
 def test_resume_is_exact(dirs, tmp_path):

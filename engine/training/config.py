@@ -60,6 +60,8 @@ class ModelsConfig:
     generator: initial generator weights (dmd: the ode-init output, required; ode-init: default = teacher).
     critic: initial critic (fake score) weights for dmd; default = teacher.
     init: teacher stage: start from this directory's transformer instead of a random initialisation.
+    ode_bank: dmd stage with dmd.regression_weight > 0: a trajectory bank written by an ode-init run with
+        ode.num_trajectories > 0 (that run's output directory, or its trajectories/ directory).
     transformer: teacher stage, random init: overrides of the base transformer config (e.g. num_layers).
     """
 
@@ -69,6 +71,7 @@ class ModelsConfig:
     critic: str | None = None
     init: str | None = None
     transformer: dict = field(default_factory=dict)
+    ode_bank: str | None = None
 
 
 @dataclass
@@ -200,6 +203,10 @@ class DMDConfig:
     gan_layers: the critic blocks whose outputs the head reads (0-based; negative counts from the end;
         Self-Forcing taps blocks 13, 21 and 29 of Wan-1.3B's 30).
     gan_head_dim: the head's MLP width (0 = the critic's width). The head trains with critic_optim.
+
+    regression_weight: DMD (v1)'s regression term (the recipe's dmd_regression_weight; 0 = off): each generator
+        step adds weight x the ODE-init loss (`ode.ode_regression`, clean context) on train.batch_size random
+        trajectories of the teacher's ODE bank models.ode_bank; logged as ode_loss.
     """
 
     loss: str = "dmd"
@@ -214,6 +221,7 @@ class DMDConfig:
     gan_critic_weight: float = 0.0
     gan_layers: list[int] = field(default_factory=lambda: [-1])
     gan_head_dim: int = 0
+    regression_weight: float = 0.0
 
     @property
     def gan(self) -> bool:
@@ -313,6 +321,11 @@ class Config:
                "> 0 when dmd.gan_weight > 0 (the generator's GAN loss needs a classifier that learns)")
         _check(len(d.gan_layers) >= 1 and len(set(d.gan_layers)) == len(d.gan_layers), "dmd.gan_layers",
                d.gan_layers, "one or more distinct critic block indices")
+        _check(math.isfinite(d.regression_weight) and d.regression_weight >= 0, "dmd.regression_weight",
+               d.regression_weight, "a finite number >= 0 (0 = off)")
+        _check(not d.regression_weight or bool(self.models.ode_bank), "models.ode_bank", self.models.ode_bank,
+               "a trajectory bank directory (an ode-init run's output with ode.num_trajectories > 0) when "
+               "dmd.regression_weight > 0")
         _check(d.gan_head_dim >= 0, "dmd.gan_head_dim", d.gan_head_dim, ">= 0 (0 = the critic's width)")
         _check(not d.gan or self.data.source != "prompts", "data.source", self.data.source,
                "shapes, latents or synthetic with dmd.gan_weight / gan_critic_weight > 0 (the GAN term needs real "

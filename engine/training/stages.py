@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 import os
 import time
 import zlib
@@ -587,6 +588,7 @@ class DMDStage(_GeneratorStage):
         self.prompt_data(self.shape, generator.config.text_dim, need_latents=d.gan)  # real clips for the GAN term
         if d.gan:
             self._attach_gan_head(critic)
+        self.ode_bank = self._open_ode_bank(generator.config.text_dim) if d.regression_weight > 0 else None
         kw = {"min_frac": d.min_frac, "max_frac": d.max_frac}
         if d.loss == "sid":
             kw["alpha"] = d.sid_alpha
@@ -620,6 +622,43 @@ class DMDStage(_GeneratorStage):
         self.state_only = ("gan_head",)
         self.gan_generator_loss = GANGeneratorLoss(self.flow, min_frac=d.min_frac, max_frac=d.max_frac)
         self.gan_critic_loss = GANCriticLoss(self.flow, min_frac=d.min_frac, max_frac=d.max_frac)
+
+    def _open_ode_bank(self, text_dim: int) -> TrajectoryBank:
+        """models.ode_bank: the trajectories an ode-init run wrote, checked against this run's few-step timesteps,
+        latent shape and text width."""
+        given = Path(self.cfg.models.ode_bank)
+        path = next((p for p in (given, given / "trajectories") if (p / "bank.json").is_file()), None)
+        if path is None:
+            why = "does not exist" if not given.exists() else "holds no trajectory bank (no bank.json in it or in " \
+                                                              "its trajectories/)"
+            raise FileNotFoundError(f"models.ode_bank = {given} {why}; write one with an ode-init run with "
+                                    f"ode.num_trajectories > 0")
+        desc = json.loads((path / "bank.json").read_text())
+        n = len(list(path.glob("traj-*.safetensors")))
+        bank = TrajectoryBank(path, n)
+        if n == 0 or bank.missing(range(n)):
+            raise ValueError(f"models.ode_bank = {path}: trajectories 0..{n - 1} are not all there (an interrupted "
+                             f"ode-init run? resume it to complete the bank)")
+        want = {"timesteps": [float(t) for t in self.schedule.timesteps], "latent_shape": list(self.shape)}
+        found = {"timesteps": [float(t) for t in desc.get("timesteps") or []], "latent_shape": desc.get("latent_shape")}
+        if found != want:
+            raise ValueError(f"models.ode_bank = {path} was made for other settings: {found}, this run needs {want} "
+                             f"(engine.denoising_steps / shift / height / width / num_frames)")
+        width = bank.get(0, False)["prompt_embeds"].shape[-1]
+        if width != text_dim:
+            raise ValueError(f"models.ode_bank = {path}: prompt embeddings of width {width}, the generator's "
+                             f"text_dim is {text_dim}")
+        return bank
+
+    def regression_loss(self, rnd: StepRandom) -> torch.Tensor:
+        """DMD's regression term: the ODE-init loss (clean context) on train.batch_size random bank trajectories."""
+        g = rnd.local("regression")
+        idx = torch.randint(0, len(self.ode_bank), (self.cfg.train.batch_size,), generator=g).tolist()
+        items = [self.ode_bank.get(i, False) for i in idx]
+        bank = {k: torch.stack([it[k] for it in items]).to(self.rt.device) for k in ("states", "x0", "prompt_embeds")}
+        loss, _ = ode_regression(self.nets["generator"], bank, torch.arange(len(idx)), self.schedule, self.block, g,
+                                 cache_model=self.trainables["generator"])
+        return loss
 
     def updates(self, step: int) -> list[Update]:
         train_generator = (step - 1) % self.cfg.dmd.dfake_gen_update_ratio == 0  # steps 1, 1 + ratio, ...
@@ -696,6 +735,10 @@ class DMDStage(_GeneratorStage):
                                                         generator=rnd.local("gan"), t=t)
             loss = loss + self.cfg.dmd.gan_weight * gan
             logs.update({k: v for k, v in gan_logs.items() if k != "t_mean"})
+        if self.cfg.dmd.regression_weight > 0:  # DMD (v1)'s regression term, on the teacher's ODE bank
+            reg = self.regression_loss(rnd)
+            loss = loss + self.cfg.dmd.regression_weight * reg
+            logs["ode_loss"] = reg.item()
         lo, hi = res.timestep_range
         logs.update(time_rollout=t_roll, exit_step_mean=float(np.mean(res.exit_steps)), timestep_to=lo,
                     timestep_from=hi)
