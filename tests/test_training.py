@@ -435,6 +435,51 @@ def test_dmd_with_the_regression_term_resumes_exactly(dirs, ode_bank, tmp_path):
     assert [strip_times(r) for r in a] == [strip_times(r) for r in b]
 
 
+def test_teacher_trains_its_text_encoder_saves_the_ema_and_resumes_exactly(dirs, tmp_path):
+    """flow_matching.train_text_encoder: the UMT5 encoder learns with the teacher (one AdamW, one EMA), teacher/
+    holds the EMA encoder and teacher_raw/ the raw one, resume is exact; later stages read it as their base."""
+    from engine.training.stages import TeacherWithText
+
+    over = {"models.base": str(dirs / "teacher"), "data.source": "shapes", "data.num_samples": 4,
+            "train.max_steps": 4, "train.save_every": 100, "train.ema_decay": 0.5, "train.ema_start_step": 2,
+            "flow_matching.train_text_encoder": True}
+    train(tiny("teacher", None, **over), tmp_path / "straight")
+    train(tiny("teacher", None, **over), tmp_path / "stopped", max_steps=2)
+    r = train(tiny("teacher", None, **over), tmp_path / "stopped", resume=True)
+    assert isinstance(r.stage.trainables["teacher"], TeacherWithText)
+    a, b = rows(tmp_path / "straight"), rows(tmp_path / "stopped")
+    assert [strip_times(x) for x in a] == [strip_times(x) for x in b]
+    base_te = Engine.from_pretrained(dirs / "teacher").text_encoder
+    ema_te, raw_te = (Engine.from_pretrained(tmp_path / "straight" / n).text_encoder for n in ("teacher", "teacher_raw"))
+    for name in ("teacher", "teacher_raw"):
+        for part in ("transformer", "text_encoder"):
+            sa = param_checksums(getattr(Engine.from_pretrained(tmp_path / "straight" / name), part))
+            sb = param_checksums(getattr(Engine.from_pretrained(tmp_path / "stopped" / name), part))
+            assert torch.equal(sa, sb), (name, part)
+    assert not torch.equal(param_checksums(raw_te), param_checksums(base_te))  # the encoder learned
+    assert not torch.equal(param_checksums(ema_te), param_checksums(raw_te))  # teacher/ holds the EMA
+    # the EMA shadow of the last checkpoint is what teacher/ holds
+    state = torch.load(sorted((tmp_path / "stopped" / "checkpoints").glob("step-*"))[-1] / "accelerate" /
+                       "custom_checkpoint_0.pkl", weights_only=False)["shadow"]
+    for n, p in ema_te.named_parameters():
+        assert torch.equal(p, state[f"text_encoder.{n}"]), n
+    ema_tr = Engine.from_pretrained(tmp_path / "stopped" / "teacher").transformer  # (a CPU run once saved the raw
+    for n, p in ema_tr.named_parameters():                                          # weights here: regression test)
+        assert torch.equal(p, state[f"transformer.{n}"]), n
+    # later stages: the teacher's directory is their base, its trained encoder their (frozen) text encoder
+    cfg = tiny("ode-init", None, **{"models.teacher": str(tmp_path / "straight" / "teacher")})
+    comps = load_components(cfg, "ode-init", torch.device("cpu"))
+    assert torch.equal(param_checksums(comps.text_encoder), param_checksums(ema_te))
+    # off: the teacher is the plain transformer and its text encoder the base's
+    off = train(tiny("teacher", None, **{**over, "flow_matching.train_text_encoder": False, "train.max_steps": 1}),
+                tmp_path / "off")
+    assert not isinstance(off.stage.trainables["teacher"], TeacherWithText)
+    assert torch.equal(param_checksums(Engine.from_pretrained(tmp_path / "off" / "teacher").text_encoder),
+                       param_checksums(base_te))
+    with pytest.raises(ValueError, match="data.source = 'synthetic' is invalid: expected shapes .*train_text_encoder"):
+        tiny("teacher", None, **{"flow_matching.train_text_encoder": True})
+
+
 def test_resume_is_exact(dirs, tmp_path):
     over = {"train.max_steps": 5, "dmd.dfake_gen_update_ratio": 2, "train.ema_decay": 0.5, "train.ema_start_step": 2,
             "train.save_every": 100, "data.num_samples": 3, "train.grad_accum": 2}

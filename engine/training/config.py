@@ -152,6 +152,10 @@ class FlowMatchingConfig:
 
     guidance_scale: written into the teacher's engine directory and used for its sample videos (standard
     convention; Self-Forcing's g = w - 1). sample_steps: Euler steps of the teacher's sample videos.
+    train_text_encoder: the base's UMT5 text encoder trains with the teacher (the same AdamW, gradient clip and
+        EMA: one module), from the batch's captions; saved as text_encoder/ of the teacher's engine directory
+        (EMA weights in teacher/, raw in teacher_raw/), which ode-init and dmd then read as their base (frozen).
+        Needs one caption per clip: data.source shapes (without prompt switches) or latents with captions.
     """
 
     caption_dropout: float = 0.1
@@ -159,6 +163,7 @@ class FlowMatchingConfig:
     max_frac: float = 1.0
     guidance_scale: float = 4.0
     sample_steps: int = 20
+    train_text_encoder: bool = False
 
 
 @dataclass
@@ -303,6 +308,10 @@ class Config:
         _check(0 <= fm.min_frac < fm.max_frac <= 1, "flow_matching.min_frac/max_frac", (fm.min_frac, fm.max_frac),
                "0 <= min_frac < max_frac <= 1")
         _check(fm.sample_steps >= 1, "flow_matching.sample_steps", fm.sample_steps, ">= 1")
+        _check(not fm.train_text_encoder or (self.data.source in ("shapes", "latents")
+                                             and not self.data.shapes.get("switch_prob")),
+               "data.source", self.data.source, "shapes (without switch_prob) or latents with captions when "
+               "flow_matching.train_text_encoder is true (the encoder trains on one caption per clip)")
         _check(self.ode.num_steps >= 1, "ode.num_steps", self.ode.num_steps, ">= 1")
         _check(self.ode.num_trajectories >= 0, "ode.num_trajectories", self.ode.num_trajectories, ">= 0")
         _check(self.ode.context in ("clean", "noisy"), "ode.context", self.ode.context,

@@ -17,6 +17,7 @@ sample its models. Every random number of a loss comes from `StepRandom`, a pure
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import json
@@ -383,6 +384,41 @@ class Stage:
         return out
 
 
+class TeacherWithText(torch.nn.Module):
+    """The teacher's trainable with flow_matching.train_text_encoder: the transformer and the UMT5 text encoder in
+    one module, so that one AdamW, one DDP wrapper, one gradient clip and the product's EMA cover both. The encoder
+    stays in eval mode (no dropout), as the recipe's. Saved as transformer/ + text_encoder/ of the teacher's engine
+    directory (`engine_parts`), which later stages read as their base."""
+
+    def __init__(self, transformer: CausalWanTransformer3DModel, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.transformer, self.text_encoder = transformer, text_encoder
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text_encoder.eval()
+        return self
+
+    def forward(self, x_t, t, input_ids, attention_mask, keep):
+        """x_t (B, C, F, h, w); input_ids, attention_mask (B, L); keep (B,): 0 = caption dropped (zero embedding)."""
+        hidden = self.text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+        emb = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)  # encode_prompts: padding zeroed
+        emb = torch.where(keep[:, None, None] > 0, emb, torch.zeros_like(emb))
+        return self.transformer(x_t, t, emb)
+
+    def blank_copy(self) -> "TeacherWithText":
+        """A module of the same architecture (the checkpointer fills it with the trained or EMA weights)."""
+        return TeacherWithText(type(self.transformer).from_config(self.transformer.config),
+                               type(self.text_encoder)(self.text_encoder.config))
+
+    def engine_parts(self) -> dict:
+        return {"transformer": self.transformer, "text_encoder": self.text_encoder}
+
+
 class TeacherStage(Stage):
     """Flow matching of a bidirectional transformer on data latents, with caption dropout for CFG."""
 
@@ -401,6 +437,17 @@ class TeacherStage(Stage):
         self.attach_denoiser(model, cfg, comps, rt)
         fm = cfg.flow_matching
         self.loss_fn = FlowMatchingLoss(self.flow, min_frac=fm.min_frac, max_frac=fm.max_frac)
+        if fm.train_text_encoder:
+            self._train_text_encoder_too()
+
+    def _train_text_encoder_too(self) -> None:
+        """flow_matching.train_text_encoder: the base's text encoder becomes part of the trained teacher."""
+        if not self.prompts.available:
+            raise ValueError("flow_matching.train_text_encoder needs a text encoder and tokenizer in models.base")
+        te = copy.deepcopy(self.comps.text_encoder)
+        cast_module(te, torch.device(self.rt.device), torch.float32)
+        te.requires_grad_(True)
+        self.trainables["teacher"] = TeacherWithText(self.trainables["teacher"], te).train()
 
     def attach_denoiser(self, model, cfg, comps, rt) -> None:
         """Train `model` as the denoiser on data latents: checks, trainable, optimiser config, data, prompts."""
@@ -418,11 +465,28 @@ class TeacherStage(Stage):
     def loss(self, batch: Batch, rnd: StepRandom):
         net = self.nets["teacher"]
         x = batch.latents.to(self.rt.device)  # (B, C, F, h, w)
+        if self.cfg.flow_matching.train_text_encoder:
+            return self._loss_with_text_encoder(net, x, batch, rnd)
         emb = batch.prompt_embeds.clone()  # (B, L, D), or (B, F, L, D): a timeline, one prompt per latent frame
         drop = torch.rand(emb.shape[0], generator=rnd.local("caption_dropout")) < self.cfg.flow_matching.caption_dropout
         emb[drop] = 0.0  # per clip, its whole timeline: the empty prompt, CFG's uncond when negative_prompt is ""
         emb = emb.to(self.rt.device)
         loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb).sample, generator=rnd.local("fm"))
+        logs["caption_dropout"] = drop.float().mean().item()
+        return loss, logs
+
+    def _loss_with_text_encoder(self, net, x, batch: Batch, rnd: StepRandom):
+        """The same loss and random streams, the prompt embeddings computed by the trained encoder from the
+        batch's captions (one prompt per clip)."""
+        if batch.captions is None or batch.prompt_embeds.ndim != 3:
+            raise ValueError("flow_matching.train_text_encoder needs one caption per clip (shapes or latents data "
+                             "with captions, no prompt timelines)")
+        tok = self.prompts.tokenizer(batch.captions, padding="max_length", max_length=self.cfg.engine.text_max_length,
+                                     truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                     return_tensors="pt")
+        drop = torch.rand(x.shape[0], generator=rnd.local("caption_dropout")) < self.cfg.flow_matching.caption_dropout
+        ids, mask, keep = (v.to(self.rt.device) for v in (tok.input_ids, tok.attention_mask, (~drop).float()))
+        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, ids, mask, keep).sample, generator=rnd.local("fm"))
         logs["caption_dropout"] = drop.float().mean().item()
         return loss, logs
 
@@ -432,6 +496,11 @@ class TeacherStage(Stage):
     @torch.no_grad()
     def sample_video(self, name, transformer, embeds):
         """The teacher's own samples: full-sequence Euler ODE with CFG, decoded by the VAE."""
+        if isinstance(transformer, TeacherWithText):  # the prompts through the trained (EMA) encoder
+            te = transformer.text_encoder.to(self.rt.device)
+            embeds = PromptEncoder(te, self.prompts.tokenizer, self.cfg.engine.text_max_length,
+                                   self.rt.device)(list(self.cfg.sample.prompts))
+            transformer = transformer.transformer
         transformer = transformer.to(self.rt.device)
         C, F, h, w = self.latent_shape(transformer)
         grid = ode_grid(self.flow, self.cfg.flow_matching.sample_steps)

@@ -162,9 +162,11 @@ def replica_mismatches(acc, nets: dict) -> int | None:
     return int((every != every[:1]).any(dim=-1).any(dim=0).sum())
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy, across file systems) every file of src into dst."""
+def _link_tree(src: Path, dst: Path, skip: set = frozenset()) -> None:
+    """Hard-link (or copy, across file systems) every file of src into dst, but for the top-level names `skip`."""
     for f in src.rglob("*"):
+        if f.relative_to(src).parts[0] in skip:
+            continue
         target = dst / f.relative_to(src)
         if f.is_dir():
             target.mkdir(parents=True, exist_ok=True)
@@ -279,12 +281,13 @@ class Checkpointer:
         net = self.nets[name]
         raw = self.acc.unwrap_model(net)
         ctx = self.ema.swapped(raw) if ema else contextlib.nullcontext()
-        with ctx:
-            state = self.acc.get_state_dict(net)
+        with ctx:  # copied inside: a state dict holds the parameters themselves, which the swap then restores
+            state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.acc.get_state_dict(net).items()}
         if not self.acc.is_main_process:
             return None
-        model = type(raw).from_config(raw.config)  # the trained class (causal, or a subclass such as quantized)
-        model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
+        # the trained class (causal, or a subclass such as quantized; a teacher with its text encoder)
+        model = raw.blank_copy() if hasattr(raw, "blank_copy") else type(raw).from_config(raw.config)
+        model.load_state_dict(state)
         return model.eval()
 
     def products(self) -> list[tuple[str, str, bool]]:
@@ -298,9 +301,11 @@ class Checkpointer:
 
     def write_engine(self, target: Path, name: str, model: torch.nn.Module, step: int) -> None:
         target.mkdir(parents=True, exist_ok=True)
+        parts = model.engine_parts() if hasattr(model, "engine_parts") else {"transformer": model}
         with quiet_loaders():
-            model.save_pretrained(target / "transformer", safe_serialization=True)
-        _link_tree(self.out / "components", target)
+            for sub, part in parts.items():  # a trained text encoder replaces the base's
+                part.save_pretrained(target / sub, safe_serialization=True)
+        _link_tree(self.out / "components", target, skip=set(parts))
         settings = self.stage.engine_settings(name)
         (target / "engine_config.json").write_text(json.dumps(settings, indent=2))
         (target / "README.md").write_text(
