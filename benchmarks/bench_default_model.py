@@ -22,11 +22,7 @@ import time
 import torch
 
 import engine
-from engine.data.evaluate import EVAL_PROMPTS, evaluate, format_table
-from engine.io import to_uint8
-from engine.sampling.codec import decode_full
-from engine.sampling.schedule import FlowSchedule
-from engine.training.ode import ode_grid, ode_solve
+from engine.data.evaluate import EVAL_PROMPTS, evaluate, format_table, teacher_video
 
 
 def student_videos(eng, prompts, seeds):
@@ -37,16 +33,6 @@ def student_videos(eng, prompts, seeds):
             videos.append(v.frames)
             times.append(v.timings)
     return videos, times
-
-
-@torch.no_grad()
-def teacher_video(eng, teacher, prompt, seed, steps, w):
-    noise = eng.make_noise(None, seed)
-    cond = eng.encode_prompt(prompt)
-    grid = ode_grid(FlowSchedule(eng.config.num_train_timesteps, eng.config.shift), steps)
-    _, lat = ode_solve(teacher, noise.z0, cond, torch.zeros_like(cond), w, grid)
-    video = decode_full(eng.vae, lat).clamp(-1, 1)[0]  # (3, T, H, W)
-    return to_uint8((video.permute(1, 2, 3, 0) + 1) / 2)
 
 
 def main(argv=None):
@@ -76,9 +62,10 @@ def main(argv=None):
     if a.teacher:
         from engine.models.causal_wan import CausalWanTransformer3DModel
 
-        teacher = CausalWanTransformer3DModel.from_pretrained(a.teacher).eval()
+        teacher_eng = engine.Engine.from_pretrained(a.checkpoint)  # the student's VAE, text encoder and noise
+        teacher_eng.transformer = CausalWanTransformer3DModel.from_pretrained(a.teacher).eval()
         t0 = time.perf_counter()
-        t_videos = [teacher_video(eng, teacher, p, s, a.teacher_steps, a.guidance) for s in a.seeds for p in prompts]
+        t_videos = [teacher_video(teacher_eng, p, s, a.teacher_steps, a.guidance) for s in a.seeds for p in prompts]
         t_wall = (time.perf_counter() - t0) / len(t_videos)
         rows[f"teacher ({a.teacher_steps} steps, CFG w={a.guidance})"] = evaluate(
             [p for _ in a.seeds for p in prompts], t_videos)

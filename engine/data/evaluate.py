@@ -283,6 +283,13 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, help="also write the per-video results to this JSON file")
     p.add_argument("--decoder", choices=["vae", "fast"], default="vae",
                    help="decode with the full VAE (default) or the checkpoint's fast streaming decoder")
+    p.add_argument("--teacher-steps", type=int, default=None, metavar="N",
+                   help="evaluate each checkpoint as a bidirectional teacher (a teacher run's engine directory): "
+                        "N Euler steps over the whole clip with classifier-free guidance, from the Engine's z0 "
+                        "for the seed, instead of the few-step block sampler")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="with --teacher-steps: CFG scale w, standard convention uncond + w (cond - uncond) "
+                        "(default: the checkpoint's guidance_scale, which a teacher run writes)")
     g = p.add_argument_group("long streams (engine/data/long_eval.py; docs/live.md)")
     g.add_argument("--long-seconds", type=float, default=None, metavar="S",
                    help="score live streams of S seconds instead: every 33-frame window against its prompt")
@@ -296,6 +303,25 @@ def add_arguments(p) -> None:
     g.add_argument("--reference", action="store_true",
                    help="with --long-seconds: score procedural renders of the same timelines (the evaluator's "
                         "ceiling on long streams, bounces included) instead of the model")
+
+
+def teacher_video(eng, prompt: str, seed: int, steps: int, w: float) -> np.ndarray:
+    """A bidirectional teacher's video (T, H, W, 3) uint8: Euler over the whole clip with CFG w from the Engine's z0
+    for `seed` (the student's noise for that seed), decoded by the full VAE."""
+    import torch
+
+    from engine.io import to_uint8
+    from engine.sampling.codec import decode_full
+    from engine.sampling.schedule import FlowSchedule
+    from engine.training.ode import ode_grid, ode_solve
+
+    with torch.no_grad():
+        noise = eng.make_noise(None, seed)
+        cond = eng.encode_prompt(prompt)
+        grid = ode_grid(FlowSchedule(eng.config.num_train_timesteps, eng.config.shift), steps)
+        _, lat = ode_solve(eng.transformer, noise.z0, cond, torch.zeros_like(cond), w, grid)
+        video = decode_full(eng.vae, lat).clamp(-1, 1)[0]  # (3, T, H, W)
+    return to_uint8((video.permute(1, 2, 3, 0).float() + 1) / 2)
 
 
 def run(args) -> int:
@@ -319,6 +345,11 @@ def run(args) -> int:
         raise ValueError(f"--limit must be in [0, {len(EVAL_PROMPTS)}], got {args.limit}")
     if not args.seeds:
         raise ValueError("--seeds needs at least one seed")
+    steps, w = getattr(args, "teacher_steps", None), getattr(args, "guidance", None)
+    if steps is not None and steps < 1:
+        raise ValueError(f"--teacher-steps must be >= 1, got {steps}")
+    if w is not None and (steps is None or not np.isfinite(w) or w < 0):
+        raise ValueError("--guidance W (a finite number >= 0) goes with --teacher-steps N")
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = EVAL_PROMPTS[: args.limit] if args.limit else EVAL_PROMPTS
@@ -328,7 +359,10 @@ def run(args) -> int:
         eng = engine.Engine.from_pretrained(ckpt, decoder=getattr(args, "decoder", "vae"))
         if args.device:
             eng.to(args.device)
-        videos = [eng.generate(p, seed=s).frames for p, s in jobs]
+        if steps is None:
+            videos = [eng.generate(p, seed=s).frames for p, s in jobs]
+        else:
+            videos = [teacher_video(eng, p, s, steps, eng.config.guidance_scale if w is None else w) for p, s in jobs]
         rows[ckpt] = evaluate([p for p, _ in jobs], videos)
     print(f"{len(prompts)} prompts x seeds {args.seeds}")
     print(format_table(rows))

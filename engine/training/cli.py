@@ -1,14 +1,14 @@
-"""python -m engine train STAGE --config FILE --output-dir DIR [--max-steps N] [--resume] [--key value ...]
+"""python -m engine train STAGE --config FILE --output-dir DIR [--max-steps N] [--minutes M] [--resume] [--key value ...]
 
-STAGE: teacher | ode-init | dmd | vq | vq-dmd. FILE: a YAML preset (a path, or a name from configs/ such as tiny-dmd).
-`--key value` overrides any config key with a dotted path (`--dmd.loss sid --optim.lr 1e-5`); values are YAML.
-Several processes: `accelerate launch --config_file configs/accelerate-ddp.yaml -m engine train ...` or
+STAGE: vae | teacher | ode-init | dmd | vq | vq-dmd. FILE: a YAML preset (a path, or a name from configs/ such as
+tiny-dmd). `--key value` overrides any config key with a dotted path (`--dmd.loss sid --optim.lr 1e-5`); values are
+YAML. Several processes: `accelerate launch --config_file configs/accelerate-ddp.yaml -m engine train ...` or
 `torchrun --nproc_per_node N -m engine train ...`. See docs/training.md.
 
-The default model's recipe (docs/default-model.md) runs through the same command with the stages
-shapes-vae | shapes-latents | shapes-teacher | shapes-ode-bank | shapes-ode-init | shapes-dmd | shapes-eval |
-shapes-ship, e.g. `python -m engine train shapes-teacher --config configs/shapes-recipe.yaml --minutes 55`;
-their options are those of `engine.training.shapes_recipe` (and `engine.training.vae` for shapes-vae).
+The default model (docs/default-model.md) is a chain of these stages with the shapes presets: vae
+(configs/shapes-vae.yaml: the codec, and the base directory with a new text encoder) -> teacher (its latent cache
+at data.path) -> ode-init (configs/shapes-ode-init.yaml: the ODE bank, then the causal student) -> dmd; then
+`python -m engine eval` (students, or teachers with --teacher-steps) and `python -m engine ship`.
 
 The fast streaming decoder (TAEHV architecture) is distilled from an engine's VAE by the stage fast-decoder:
 `python -m engine train fast-decoder --config fast-decoder --output-dir runs/fast-decoder --minutes 30`; its options
@@ -23,8 +23,6 @@ import sys
 from .config import STAGES, dump_config, list_presets, load_config, positive_minutes
 
 EXIT_NONFINITE = 3
-SHAPES_STAGES = ("shapes-vae", "shapes-latents", "shapes-teacher", "shapes-ode-bank", "shapes-ode-init",
-                 "shapes-dmd", "shapes-eval", "shapes-ship")
 FAST_DECODER_STAGE = "fast-decoder"
 
 
@@ -41,7 +39,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("stage", choices=STAGES + SHAPES_STAGES + (FAST_DECODER_STAGE,))
+    p.add_argument("stage", choices=STAGES + (FAST_DECODER_STAGE,))
     _options(p)
     # everything after STAGE, including the options above when they come after it, lands here: run() sorts it out
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value config overrides (dotted keys)")
@@ -58,28 +56,6 @@ def parse(args) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def run_shapes(args) -> int:
-    """The default model's recipe stages: hand the command line to their drivers unchanged."""
-    argv = (["--config", args.config] if args.config else []) + (["--resume"] if args.resume else [])
-    argv += ["--minutes", str(args.minutes)] if args.minutes is not None else []
-    if args.stage == "shapes-vae":
-        argv = (["--output-dir", args.output_dir] if args.output_dir else []) + argv
-        argv += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
-    elif args.output_dir or args.max_steps is not None:
-        raise ValueError(f"--output-dir / --max-steps are not options of {args.stage}: the recipe writes under "
-                         "run_dir (--set run_dir=DIR) and each stage has a wall-clock budget (--minutes)")
-    argv += list(args.overrides or [])
-    if args.stage == "shapes-vae":
-        from .vae import main as vae_main
-
-        vae_main(argv)
-    else:
-        from .shapes_recipe import main as recipe_main
-
-        recipe_main([args.stage.removeprefix("shapes-"), *argv])
-    return 0
-
-
 def run_fast_decoder(args) -> int:
     """The fast-decoder stage: hand the command line to its driver."""
     from .fast_decoder import main as fast_decoder_main
@@ -92,8 +68,6 @@ def run_fast_decoder(args) -> int:
 
 
 def run(args) -> int:
-    if args.stage in SHAPES_STAGES:
-        return run_shapes(args)
     if args.stage == FAST_DECODER_STAGE:
         return run_fast_decoder(args)
     args, overrides = parse(args)

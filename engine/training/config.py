@@ -2,7 +2,7 @@
 
 A run is described by one `Config`:
 
-    stage            teacher | ode-init | dmd | vq | vq-dmd (also given on the command line; they must agree)
+    stage            vae | teacher | ode-init | dmd | vq | vq-dmd (also given on the command line; they must agree)
     models           where the networks come from (engine directories)
     engine           the generator's sampler settings (EngineConfig, written to engine_config.json)
     data             what the batches are made of (shapes / latents / prompts / synthetic)
@@ -12,6 +12,7 @@ A run is described by one `Config`:
     flow_matching    teacher stage       ode       ode-init stage       dmd, rollout    dmd stage
     sample           sample videos written every N steps
     vq               the quantized generator's stages (engine/training/vq.py, docs/quantized.md)
+    vae              the vae stage: the codec's architecture and loss (engine/training/vae.py)
 
 Presets are YAML files in `configs/` (a name such as `tiny-dmd` or a path). A preset may start from another
 with `extends: other.yaml` (relative to the preset, or a preset name; mappings are merged key by key).
@@ -40,7 +41,8 @@ from engine.pipeline import EngineConfig
 
 from .vq_config import VQTrainConfig
 
-STAGES = ("teacher", "ode-init", "dmd", "vq", "vq-dmd")  # vq, vq-dmd: the quantized generator (engine/training/vq.py)
+# vae: the codec (engine/training/vae.py); vq, vq-dmd: the quantized generator (engine/training/vq.py)
+STAGES = ("vae", "teacher", "ode-init", "dmd", "vq", "vq-dmd")
 DATA_SOURCES = ("shapes", "latents", "prompts", "synthetic")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
 TINY_BASE = "tiny"  # models.base value: engine.testing.tiny_engine() components, built in memory
@@ -55,14 +57,20 @@ class ModelsConfig:
     an engine directory with the VAE (and text encoder / tokenizer for captions).
 
     base: vae, text encoder and tokenizer (and, for a new teacher, the transformer architecture); "tiny" builds
-        engine.testing.tiny_engine() in memory. Defaults to `teacher` for ode-init and dmd.
+        engine.testing.tiny_engine() in memory. Defaults to `teacher` for ode-init and dmd. A base without
+        transformer/ (the vae stage's product) is accepted: a new teacher then takes its whole architecture from
+        `transformer`.
     teacher: the bidirectional teacher (ode-init: the ODE solver's network; dmd: the frozen real score).
     generator: initial generator weights (dmd: the ode-init output, required; ode-init: default = teacher).
     critic: initial critic (fake score) weights for dmd; default = teacher.
-    init: teacher stage: start from this directory's transformer instead of a random initialisation.
+    init: teacher stage: start from this directory's transformer instead of a random initialisation; vae stage:
+        from this directory's vae/ (an earlier vae run's base, e.g. the previous phase).
     ode_bank: dmd stage with dmd.regression_weight > 0: a trajectory bank written by an ode-init run with
         ode.num_trajectories > 0 (that run's output directory, or its trajectories/ directory).
     transformer: teacher stage, random init: overrides of the base transformer config (e.g. num_layers).
+    text_encoder: vae stage: a new text encoder for the base it writes, a tiny UMT5 (`engine.models.text.tiny_umt5`
+        settings d_model, num_layers, num_heads, d_ff) at its random initialisation seeded by train.seed, with a
+        word tokenizer over the shapes grammar's words; {} = the base gets no text encoder.
     """
 
     base: str | None = None
@@ -72,6 +80,7 @@ class ModelsConfig:
     init: str | None = None
     transformer: dict = field(default_factory=dict)
     ode_bank: str | None = None
+    text_encoder: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -249,6 +258,35 @@ class RolloutConfig:
 
 
 @dataclass
+class VAEConfig:
+    """vae stage: an AutoencoderKLWan trained on random windows of shapes clips (engine/training/vae.py).
+
+    Architecture: base_dim (encoder width), decoder_base_dim (decoder width: the streaming bottleneck on a CPU),
+    z_dim, dim_mult (len - 1 spatial halvings), num_res_blocks, temperal_downsample (diffusers' spelling).
+    clip_frames: training window, 1 + 4k frames cut at random from the engine.num_frames clips.
+    deterministic: decode the posterior mode (true) or a sample of the posterior.
+    Loss: object-weighted L1 + MSE on pixels, + kl_weight x KL, + align_weight x MSE(latent channels 0-2, the
+    mean RGB of each latent cell) (colour alignment; docs/default-model.md). object_weight: extra weight of
+    object pixels.
+    eval_clips: held-out full-length clips whose posterior-mode statistics become the VAE's latents_mean /
+    latents_std in every saved base (so codec.normalize_latents gives ~unit-variance latents).
+    """
+
+    base_dim: int = 12
+    decoder_base_dim: int = 8
+    z_dim: int = 16
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 1
+    temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
+    clip_frames: int = 17
+    deterministic: bool = True
+    kl_weight: float = 1e-6
+    object_weight: float = 4.0
+    align_weight: float = 0.0
+    eval_clips: int = 64
+
+
+@dataclass
 class SampleConfig:
     """Sample videos (mp4 in <output_dir>/samples) every `every` steps (0 = never) and at the end of a run."""
 
@@ -273,6 +311,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)  # vq and vq-dmd stages (docs/quantized.md)
+    vae: VAEConfig = field(default_factory=VAEConfig)  # vae stage (engine/training/vae.py)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -341,9 +380,31 @@ class Config:
                "clips; a prompt file has none)")
         _check(self.sample.every >= 0, "sample.every", self.sample.every, ">= 0 (0 = never)")
         _check(len(self.sample.prompts) >= 1, "sample.prompts", self.sample.prompts, "at least one prompt")
+        if self.stage == "vae":  # checked where it is read (engine.num_frames may be short for other stages)
+            self.validate_vae()
+        _check(not self.models.text_encoder or self.stage in (None, "vae"), "models.text_encoder",
+               self.models.text_encoder, "{} outside the vae stage (a new text encoder is part of the base the "
+               "vae stage writes)")
         self.engine.schedule()  # raises on a bad step list / shift / context_t
         _check(self.engine.num_frame_per_block >= 1, "engine.num_frame_per_block", self.engine.num_frame_per_block,
                ">= 1")
+
+
+    def validate_vae(self) -> None:
+        v = self.vae
+        for key in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "eval_clips"):
+            _check(getattr(v, key) >= 1, f"vae.{key}", getattr(v, key), ">= 1")
+        _check(len(v.dim_mult) >= 2 and len(v.temperal_downsample) == len(v.dim_mult) - 1, "vae.temperal_downsample",
+               v.temperal_downsample, f"one flag per spatial halving: len(vae.dim_mult) - 1 = {len(v.dim_mult) - 1}")
+        tf = 2 ** sum(bool(d) for d in v.temperal_downsample)
+        _check(v.clip_frames >= 1 and (v.clip_frames - 1) % tf == 0 and v.clip_frames <= self.engine.num_frames,
+               "vae.clip_frames", v.clip_frames, f"1 + {tf}k frames, at most engine.num_frames = "
+               f"{self.engine.num_frames}")
+        for key in ("kl_weight", "object_weight", "align_weight"):
+            _check(math.isfinite(getattr(v, key)) and getattr(v, key) >= 0, f"vae.{key}", getattr(v, key),
+                   "a finite number >= 0")
+        _check(self.data.source == "shapes", "data.source", self.data.source, "shapes for the vae stage (it trains "
+               "on rendered clips)")
 
 
 def positive_minutes(text: str) -> float:

@@ -50,6 +50,8 @@ from .ode import TrajectoryBank, guided_flow, ode_grid, ode_regression, ode_solv
 from .rollout import draw_exit_steps, self_forcing_rollout
 
 COMPAT_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")
+ARCHITECTURE_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                     "text_dim", "ffn_dim", "num_layers")
 
 
 # ------------------------------------------------------------------------------------------------- runtime
@@ -164,8 +166,32 @@ def transformer_dir(path: str | None, key: str) -> Path:
     raise FileNotFoundError(f"{key} = {path} {why}")
 
 
+def new_text_components(settings: dict, seed: int):
+    """A tiny UMT5 encoder at its random initialisation seeded by `seed` (`tiny_umt5` settings) and a word tokenizer
+    over the shapes grammar's words: the default model's text encoder before the teacher trains it."""
+    from engine.models.text import build_word_tokenizer, tiny_umt5
+
+    valid = set(inspect.signature(tiny_umt5).parameters) - {"vocab_size"}
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise ValueError(f"unknown text encoder setting(s) {unknown} in models.text_encoder; valid: "
+                         f"{', '.join(sorted(valid))}")
+    tok = build_word_tokenizer(VOCABULARY)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        te = tiny_umt5(len(tok.get_vocab()), **settings)
+    return te.eval(), tok
+
+
 def load_components(cfg: Config, stage: str, device) -> Components:
-    """VAE, text encoder and tokenizer of models.base (default: the teacher), without its transformer weights."""
+    """VAE, text encoder and tokenizer of models.base (default: the teacher), without its transformer weights.
+    The vae stage trains its VAE and has no base: only the new text encoder of models.text_encoder, if any."""
+    if stage == "vae":
+        te, tok = new_text_components(cfg.models.text_encoder, cfg.train.seed) if cfg.models.text_encoder else (None,
+                                                                                                             None)
+        if te is not None:
+            te.requires_grad_(False).to(device)
+        return Components(None, te, tok, {}, "new")
     base = cfg.models.base or (cfg.models.teacher if stage != "teacher" else None)
     if base is None:
         raise ValueError("config key models.base is required for the teacher stage (an engine directory with the "
@@ -180,8 +206,9 @@ def load_components(cfg: Config, stage: str, device) -> Components:
         if not cfg.models.base and not (Path(base) / "transformer").is_dir() and (Path(base) / "config.json").is_file():
             raise ValueError(f"models.teacher = {base} is a transformer directory (no VAE, text encoder or tokenizer "
                              f"next to it): set models.base to an engine directory that has them")
-        path = _engine_dir(base, key)
-        if not (path / "vae").is_dir():
+        path = Path(base)
+        if not (path / "vae").is_dir():  # a base written by the vae stage has no transformer/
+            path = _engine_dir(base, key)
             raise FileNotFoundError(f"{path} has no vae/: the base engine directory must hold the VAE")
         from diffusers import AutoencoderKLWan
 
@@ -193,7 +220,8 @@ def load_components(cfg: Config, stage: str, device) -> Components:
 
                 te = UMT5EncoderModel.from_pretrained(path / "text_encoder")
                 tok = AutoTokenizer.from_pretrained(path / "tokenizer")
-        tcfg = dict(CausalWanTransformer3DModel.load_config(path / "transformer"))
+        has_t = (path / "transformer").is_dir()
+        tcfg = dict(CausalWanTransformer3DModel.load_config(path / "transformer")) if has_t else {}
     for m in (vae, te):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
@@ -233,6 +261,10 @@ def new_transformer(base_config: dict, overrides: dict, seed: int) -> CausalWanT
     if unknown:
         raise ValueError(f"unknown transformer setting(s) {unknown} in models.transformer; "
                          f"valid: {', '.join(sorted(valid))}")
+    missing = [k for k in ARCHITECTURE_KEYS if k not in base_config and k not in overrides]
+    if missing:  # a base without transformer/ (the vae stage's): no silent Wan-1.3B defaults
+        raise ValueError(f"models.transformer must give the architecture when models.base has no transformer/: "
+                         f"missing {', '.join(missing)}")
     config = {k: v for k, v in base_config.items() if k in valid}
     config.update(overrides)
     with torch.random.fork_rng(devices=[]):
@@ -831,7 +863,8 @@ class DMDStage(_GeneratorStage):
 
 STAGES: dict[str, type[Stage]] = {"teacher": TeacherStage, "ode-init": ODEInitStage, "dmd": DMDStage}
 # stages defined elsewhere, imported when used: name -> (module, registry attribute)
-EXTENSION_STAGES = {"vq": ("engine.training.vq", "VQ_STAGES"), "vq-dmd": ("engine.training.vq", "VQ_STAGES")}
+EXTENSION_STAGES = {"vq": ("engine.training.vq", "VQ_STAGES"), "vq-dmd": ("engine.training.vq", "VQ_STAGES"),
+                    "vae": ("engine.training.vae", "VAE_STAGES")}
 
 
 def stage_class(name: str) -> type[Stage]:

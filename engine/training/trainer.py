@@ -308,9 +308,11 @@ class Checkpointer:
         _link_tree(self.out / "components", target, skip=set(parts))
         settings = self.stage.engine_settings(name)
         (target / "engine_config.json").write_text(json.dumps(settings, indent=2))
+        use = ("Load with `engine.Engine.from_pretrained(...)`" if "transformer" in parts else
+               "A base directory without transformer: `models.base` of a teacher run")
         (target / "README.md").write_text(
             f"# {target.name}\n\nTrained by `python -m engine train {self.stage.name}` (network: {name}), step "
-            f"{step}. Load with `engine.Engine.from_pretrained(...)`; training config in ../../../config.yaml.\n")
+            f"{step}. {use}; training config in ../../../config.yaml.\n")
 
     # -- saving and loading
     def save(self, state: TrainerState) -> Path:

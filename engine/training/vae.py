@@ -1,81 +1,66 @@
-"""Train a small AutoencoderKLWan on the procedural shapes videos (the default model's codec).
+"""The vae stage: a small AutoencoderKLWan trained on procedural shapes videos (the default model's codec).
+
+    python -m engine train vae --config configs/shapes-vae.yaml --output-dir runs/shapes-vae [--minutes M] [--resume]
+
+A stage of the trainer (trainer.py), so it has what every stage has: `--minutes`, periodic atomic checkpoints,
+exact resume, data parallelism under torchrun / accelerate. Its config is the `vae:` section (`VAEConfig`) with
+`optim` (AdamW, warm-up, cosine), `train` and `data` (shapes clips at engine.height x width x num_frames).
 
 The Wan VAE is causal in time (the first frame is encoded alone, then groups of 4), so it can be trained on
-short clips and still decode a 33-frame stream: we train on random windows of `clip_frames` (1 + 4k) frames
-cut from full dataset clips. Loss: L1 + MSE on pixels in [-1, 1], plus a small KL on the posterior.
+short clips and still decode a 33-frame stream: each sample is a random window of `vae.clip_frames` (1 + 4k)
+frames of a dataset clip. Loss: object-weighted L1 + MSE on pixels in [-1, 1], a small KL on the posterior and,
+with `vae.align_weight`, colour alignment (`colour_target`).
 
-After training, `latents_mean` / `latents_std` are set in the VAE config from the encoded (posterior-mode)
-statistics of held-out clips, per channel, so `codec.normalize_latents` gives the transformer ~unit-variance
-latents (diffusers' WanPipeline convention: z_norm = (z - mean) / std).
-
-    python -m engine.training.vae --output-dir /work/runs/vae --minutes 18
-    python -m engine.training.vae --output-dir /work/runs/vae --minutes 18 --resume   # continue a run
-
-Outputs in the directory: vae/ (diffusers save_pretrained), state.pt (resume), log.jsonl, metrics.json.
+The product is `DIR/base`: a base directory for the teacher stage (`models.base`), holding vae/ and, with
+`models.text_encoder`, a new seeded tiny UMT5 text encoder and the shapes word tokenizer (no transformer/: the
+teacher takes its architecture from `models.transformer`). Every saved VAE has `latents_mean` / `latents_std` set
+from the posterior-mode statistics of `vae.eval_clips` held-out clips, per channel, so `codec.normalize_latents`
+gives the transformer ~unit-variance latents (diffusers' WanPipeline convention: z_norm = (z - mean) / std).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from engine.data.shapes import ShapesConfig, ShapesDataset
+from engine.data.shapes import ShapesDataset
+from engine.io import to_uint8
+
+from .config import Config, VAEConfig
+from .data import seeded
+from .stages import Stage, StepRandom, Update, prepare_trainable, shapes_config
+
+EVAL_SEED = 12345  # content seed of the held-out clips (latent statistics); training clips use data.seed
 
 
-@dataclass
-class VAETrainConfig:
-    base_dim: int = 12                  # encoder width (cost at train / cache time only)
-    decoder_base_dim: int = 8           # decoder width: the streaming bottleneck on a CPU
-    z_dim: int = 16
-    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])   # 3 spatial downsamples: 8x
-    num_res_blocks: int = 1
-    temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])  # 4x in time
-    clip_frames: int = 5                # training window, 1 + 4k frames
-    deterministic: bool = True          # decode the posterior mode during training (see train())
-    batch_size: int = 4
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 30
-    kl_weight: float = 1e-6
-    object_weight: float = 4.0          # extra loss weight of object pixels
-    align_weight: float = 0.0           # colour alignment: latent channels 0-2 ~ the cell's mean RGB (see below)
-    minutes: float = 18.0               # wall-clock budget (the step count follows from it)
-    max_steps: int = 100_000
-    seed: int = 0
-    eval_clips: int = 64                # held-out full 33-frame clips for PSNR and latent statistics
-    threads: int = 0                    # torch threads (0 = torch default)
+def build_vae(v: VAEConfig, seed: int = 0) -> AutoencoderKLWan:
+    """A new VAE of the `vae:` section's architecture, seeded, with identity latent statistics."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(base_dim=v.base_dim, decoder_base_dim=v.decoder_base_dim, z_dim=v.z_dim,
+                                dim_mult=list(v.dim_mult), num_res_blocks=v.num_res_blocks,
+                                temperal_downsample=list(v.temperal_downsample),
+                                latents_mean=[0.0] * v.z_dim, latents_std=[1.0] * v.z_dim)
 
 
-def build_vae(cfg: VAETrainConfig) -> AutoencoderKLWan:
-    torch.manual_seed(cfg.seed)
-    return AutoencoderKLWan(base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_base_dim, z_dim=cfg.z_dim,
-                            dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
-                            temperal_downsample=list(cfg.temperal_downsample),
-                            latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim)
+def colour_target(x: torch.Tensor, v: VAEConfig) -> torch.Tensor:
+    """The mean RGB of each latent cell of video x (B, 3, T, H, W): frame 0 alone, then groups of 4 frames (the
+    causal VAE's time grid), averaged over the cell's pixels -> (B, 3, T', H / s, W / s).
 
-
-def random_windows(dataset: ShapesDataset, indices: list[int], clip_frames: int, gen: torch.Generator) -> torch.Tensor:
-    """Random windows of clip_frames frames from the given clips -> (B, 3, clip_frames, H, W)."""
-    out = []
-    for i in indices:
-        video = dataset[i]["video"]  # (3, T, H, W)
-        start = int(torch.randint(0, video.shape[1] - clip_frames + 1, (1,), generator=gen))
-        out.append(video[:, start : start + clip_frames])
-    return torch.stack(out)
-
-
-def lr_at(step: int, cfg: VAETrainConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+    With `align_weight`, the encoder is trained so that latent channels 0-2 carry this (colour alignment): colour
+    and position are then linear in the latent, so the average of many latents (what a diffusion model predicts
+    at high noise) still has the prompted colour instead of an arbitrary decoder output.
+    """
+    tf = 2 ** sum(bool(d) for d in v.temperal_downsample)
+    sf = 2 ** (len(v.dim_mult) - 1)
+    B, C, T, H, W = x.shape
+    rest = x[:, :, 1:].reshape(B, C, (T - 1) // tf, tf, H, W).mean(3)  # (B, C, (T - 1) / tf, H, W)
+    cells = torch.cat([x[:, :, :1], rest], 2)  # (B, C, T', H, W)
+    return torch.nn.functional.avg_pool3d(cells, (1, sf, sf))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,151 +70,156 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_vae(vae: AutoencoderKLWan, num_clips: int, seed: int = 12345, batch: int = 4) -> dict:
-    """Full 33-frame reconstructions of held-out clips: PSNR (dB) and per-channel posterior-mode statistics."""
+def latent_statistics(vae: AutoencoderKLWan, clips: ShapesDataset, num_clips: int, batch: int = 4) -> tuple:
+    """Per-channel mean and std of the posterior modes of the first `num_clips` clips: two lists of z_dim floats."""
+    was_training = vae.training
     vae.eval()
-    data = ShapesDataset(ShapesConfig(), seed=seed)
-    sq_err, n_px, zs = 0.0, 0, []
+    zs = []
     for s in range(0, num_clips, batch):
-        x = torch.stack([data[i]["video"] for i in range(s, min(num_clips, s + batch))])
-        z = vae.encode(x).latent_dist.mode()  # (B, C, F, h, w)
-        rec = vae.decode(z).sample.clamp(-1, 1)
-        sq_err += ((rec - x) ** 2).sum().item()
-        n_px += x.numel()
-        zs.append(z)
+        x = torch.stack([clips[i]["video"] for i in range(s, min(num_clips, s + batch))])  # (B, 3, T, H, W)
+        zs.append(vae.encode(x.to(next(vae.parameters()).device)).latent_dist.mode().float().cpu())  # (B, C, F, h, w)
     z = torch.cat(zs)
-    mean = z.mean(dim=(0, 2, 3, 4))
-    std = z.std(dim=(0, 2, 3, 4))
-    mse = sq_err / n_px
-    vae.train()
-    return {"psnr": 10 * math.log10(4.0 / mse), "mse": mse, "latents_mean": mean.tolist(),
-            "latents_std": std.tolist(), "eval_clips": num_clips}
+    vae.train(was_training)
+    return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).tolist()
 
 
-def train(cfg: VAETrainConfig, output_dir: str, resume: bool = False, init: str | None = None) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vae = build_vae(cfg).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step, elapsed = 0, 0.0
-    if resume and (out / "state.pt").is_file():
-        state = torch.load(out / "state.pt", weights_only=True)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
-    elif init:
-        vae.load_state_dict(torch.load(init, weights_only=True)["model"])
-        print(f"initialised from {init}", flush=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    n_params = sum(p.numel() for p in vae.parameters())
-    print(f"VAE {n_params / 1e6:.2f}M parameters; budget {cfg.minutes} min", flush=True)
+class VAETrainable(torch.nn.Module):
+    """The stage's trainable: the VAE, whose forward is encoder -> posterior (mode or sample) -> decoder, so
+    DDP sees one call; saved as the vae/ of the base directory with latent statistics (`engine_parts`)."""
 
-    data = ShapesDataset(ShapesConfig(), seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
-    budget = cfg.minutes * 60
-    est_total = cfg.max_steps
-    log = open(out / "log.jsonl", "a")
-    t_last_save = time.perf_counter()
-    t0 = time.perf_counter() - elapsed
-    while step < cfg.max_steps and time.perf_counter() - t0 < budget:
-        # the schedule's length is estimated from the speed so far, so the cosine ends near the budget
-        el = time.perf_counter() - t0
-        if step >= 20:
-            est_total = min(cfg.max_steps, int(step * budget / max(el, 1e-6)))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, est_total)
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen).tolist()
-        x = random_windows(data, idx, cfg.clip_frames, gen)
-        post = vae.encode(x).latent_dist
+    def __init__(self, vae: AutoencoderKLWan, deterministic: bool, eval_clips: ShapesDataset, num_eval: int):
+        super().__init__()
+        self.vae, self.deterministic = vae, deterministic
+        self.eval_clips, self.num_eval = eval_clips, num_eval
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """x (B, 3, T, H, W) in [-1, 1] -> reconstruction (B, 3, T, H, W), posterior mean and logvar (B, C, F, h, w)."""
+        post = self.vae.encode(x).latent_dist
         # the posterior mode, not a sample: with a tiny KL weight the initial unit posterior noise would drown
         # the signal for hundreds of steps (too slow on a CPU); the transformer sees the mode anyway
-        z = post.mode() if cfg.deterministic else post.sample(generator=gen)
-        rec = vae.decode(z).sample
+        z = post.mode() if self.deterministic else post.mean + post.std * torch.randn(
+            post.mean.shape, generator=generator).to(post.mean)
+        return self.vae.decode(z).sample, post.mean, post.logvar
+
+    def blank_copy(self) -> "VAETrainable":
+        return VAETrainable(AutoencoderKLWan.from_config(self.vae.config), self.deterministic, self.eval_clips,
+                            self.num_eval)
+
+    def engine_parts(self) -> dict:
+        """vae/ with latents_mean / latents_std measured on the held-out clips (called on a saved copy)."""
+        mean, std = latent_statistics(self.vae, self.eval_clips, self.num_eval)
+        self.vae.register_to_config(latents_mean=mean, latents_std=std)
+        return {"vae": self.vae.eval()}
+
+
+class ClipData:
+    """Micro-batch k of process r: dataset indices of global samples (k * world + r) * B + j through a seeded
+    permutation per epoch (as TrainData), a pure function of (seed, k, r)."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int, world: int):
+        self.length, self.batch_size, self.seed, self.rank, self.world = length, batch_size, seed, rank, world
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def index(self, sample: int) -> int:
+        epoch, pos = divmod(sample, self.length)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.length, generator=seeded(self.seed, 0x5EED, epoch)))
+        return int(self._perm[1][pos])
+
+    def batch(self, k: int) -> list[int]:
+        first = (k * self.world + self.rank) * self.batch_size
+        return [self.index(s) for s in range(first, first + self.batch_size)]
+
+
+class VAEStage(Stage):
+    """Trains the codec on random windows of shapes clips; its product is a base directory (vae/ [+ text])."""
+
+    name, product = "vae", "base"
+
+    def __init__(self, cfg: Config, rt, comps):
+        super().__init__(cfg, rt, comps)
+        v = cfg.vae
+        scfg = shapes_config(cfg)
+        self.clips = ShapesDataset(scfg, seed=cfg.data.seed, length=cfg.data.num_samples)
+        held_out = ShapesDataset(scfg, seed=EVAL_SEED, length=v.eval_clips)
+        if cfg.models.init:
+            path = Path(cfg.models.init) / "vae"
+            if not path.is_dir():
+                raise FileNotFoundError(f"models.init = {cfg.models.init} has no vae/ (a vae run's base directory)")
+            vae = AutoencoderKLWan.from_pretrained(path)
+            arch = {k: vae.config[k] for k in ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks",
+                                                "temperal_downsample")}
+            want = {k: getattr(v, k) for k in arch}
+            diff = [f"{k}: {arch[k]!r} vs vae.{k} {want[k]!r}" for k in arch if list(np.atleast_1d(arch[k])) !=
+                    list(np.atleast_1d(want[k]))]
+            if diff:
+                raise ValueError(f"models.init = {cfg.models.init}: its VAE differs from the vae section: "
+                                 f"{'; '.join(diff)}")
+            vae.register_to_config(latents_mean=[0.0] * v.z_dim, latents_std=[1.0] * v.z_dim)
+        else:
+            vae = build_vae(v, cfg.train.seed)
+        sf = 2 ** (len(v.dim_mult) - 1)
+        if scfg.height % sf or scfg.width % sf:
+            raise ValueError(f"engine.height x width = {scfg.height} x {scfg.width} must be multiples of the VAE's "
+                             f"spatial factor {sf}")
+        model = VAETrainable(vae, v.deterministic, held_out, v.eval_clips)
+        self.trainables = {"base": prepare_trainable(model, cfg, rt.device)}
+        self.optim_configs = {"base": cfg.optim}
+        self.data = ClipData(cfg.data.num_samples, cfg.train.batch_size, cfg.train.seed, rt.rank, rt.world)
+        self.prompts = None
+
+    def updates(self, step: int) -> list[Update]:
+        return [Update("base", self.loss)]
+
+    def windows(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
+        """Random windows of vae.clip_frames frames of the given clips -> (B, 3, clip_frames, H, W)."""
+        n = self.cfg.vae.clip_frames
+        out = []
+        for i in indices:
+            video = self.clips[i]["video"]  # (3, T, H, W)
+            start = int(torch.randint(0, video.shape[1] - n + 1, (1,), generator=g))
+            out.append(video[:, start : start + n])
+        return torch.stack(out)
+
+    def loss(self, indices: list[int], rnd: StepRandom):
+        v = self.cfg.vae
+        x = self.windows(indices, rnd.local("window")).to(self.rt.device)  # (B, 3, T, H, W)
+        rec, mean, logvar = self.nets["base"](x, rnd.local("posterior"))
         # objects cover ~5-15% of the frame: weight their pixels up, or the decoder first settles on
         # background-only reconstructions (a long plateau near 15 dB on a CPU budget)
         obj = (x.amax(dim=1, keepdim=True) > -0.3).float()  # backgrounds have every channel <= 72 / 255
-        wgt = 1.0 + cfg.object_weight * obj
-        l1 = ((rec - x).abs() * wgt).mean() / wgt.mean()
-        l2 = ((rec - x) ** 2).mean()
-        kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()  # per latent element
-        loss = l1 + ((rec - x) ** 2 * wgt).mean() / wgt.mean() + cfg.kl_weight * kl
-        align = ((post.mean[:, :3] - colour_target(x, cfg)) ** 2).mean()
-        if cfg.align_weight:
-            loss = loss + cfg.align_weight * align
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % 10 == 0:
-            rec_psnr = 10 * math.log10(4.0 / max(l2.item(), 1e-12))
-            rec = {"step": step, "loss": loss.item(), "l1": l1.item(), "psnr_train": rec_psnr, "align": align.item(),
-                   "kl": kl.item(), "lr": opt.param_groups[0]["lr"], "minutes": (time.perf_counter() - t0) / 60}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(rec, flush=True)
-        if time.perf_counter() - t_last_save > 180:
-            _save_state(out, vae, opt, step, time.perf_counter() - t0)
-            t_last_save = time.perf_counter()
-    minutes = (time.perf_counter() - t0) / 60
-    _save_state(out, vae, opt, step, time.perf_counter() - t0)
-    return finalize(vae, out, cfg, step, minutes)
+        wgt = 1.0 + v.object_weight * obj
+        err = rec.float() - x
+        l1 = (err.abs() * wgt).mean() / wgt.mean()
+        l2 = (err ** 2 * wgt).mean() / wgt.mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()  # per latent element
+        align = ((mean[:, :3] - colour_target(x, v)) ** 2).mean()
+        loss = l1 + l2 + v.kl_weight * kl
+        if v.align_weight:
+            loss = loss + v.align_weight * align
+        mse = (err.detach() ** 2).mean().item()
+        return loss, {"vae_loss": loss.item(), "l1": l1.item(), "psnr_train": 10 * math.log10(4.0 / max(mse, 1e-12)),
+                      "align": align.item(), "kl": kl.item()}
+
+    # -- samples: a held-out clip beside its reconstruction
+    def sample_embeddings(self):
+        return list(range(len(self.cfg.sample.prompts)))
+
+    def check_sample_prompts(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def sample_video(self, name, model: VAETrainable, indices) -> list[np.ndarray]:
+        out = []
+        for i in indices:
+            x = model.eval_clips[i % len(model.eval_clips)]["video"][None]  # (1, 3, T, H, W)
+            rec = model.vae.decode(model.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            both = torch.cat([x, rec], dim=-1)[0]  # (3, T, H, 2W): original | reconstruction
+            out.append(to_uint8((both.permute(1, 2, 3, 0) + 1) / 2))
+        return out
 
 
-def colour_target(x: torch.Tensor, cfg: VAETrainConfig) -> torch.Tensor:
-    """The mean RGB of each latent cell of video x (B, 3, T, H, W): frame 0 alone, then groups of 4 frames (the
-    causal VAE's time grid), averaged over the cell's pixels -> (B, 3, T', H / s, W / s).
-
-    With `align_weight`, the encoder is trained so that latent channels 0-2 carry this (colour alignment): colour
-    and position are then linear in the latent, so the average of many latents (what a diffusion model predicts
-    at high noise) still has the prompted colour instead of an arbitrary decoder output.
-    """
-    tf = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
-    sf = 2 ** (len(cfg.dim_mult) - 1)
-    B, C, T, H, W = x.shape
-    rest = x[:, :, 1:].reshape(B, C, (T - 1) // tf, tf, H, W).mean(3)
-    cells = torch.cat([x[:, :, :1], rest], 2)
-    return torch.nn.functional.avg_pool3d(cells, (1, sf, sf))
-
-
-def _save_state(out: Path, vae, opt, step: int, elapsed: float) -> None:
-    tmp = out / "state.pt.tmp"
-    torch.save({"model": vae.state_dict(), "optim": opt.state_dict(), "step": step, "elapsed": elapsed}, tmp)
-    tmp.replace(out / "state.pt")
-
-
-def finalize(vae: AutoencoderKLWan, out: Path, cfg: VAETrainConfig, step: int, minutes: float) -> dict:
-    """Measure PSNR and latent statistics, write them into the VAE config, save vae/ and metrics.json."""
-    metrics = evaluate_vae(vae, cfg.eval_clips)
-    vae.register_to_config(latents_mean=metrics["latents_mean"], latents_std=metrics["latents_std"])
-    vae.eval().save_pretrained(out / "vae")
-    metrics.update(steps=step, train_minutes=minutes, params=sum(p.numel() for p in vae.parameters()))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"VAE: {step} steps in {minutes:.1f} min; held-out 33-frame PSNR {metrics['psnr']:.2f} dB", flush=True)
-    return metrics
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--init", default=None, help="start from the weights of another run's state.pt")
-    for f in VAETrainConfig.__dataclass_fields__.values():
-        if f.type in ("int", "float"):
-            p.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=None)
-        elif f.type == "bool":
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None)
-    args = p.parse_args(argv)
-    cfg = VAETrainConfig()
-    for name in VAETrainConfig.__dataclass_fields__:
-        v = getattr(args, name, None)
-        if v is not None:
-            setattr(cfg, name, v)
-    train(cfg, args.output_dir, resume=args.resume, init=args.init)
-
-
-if __name__ == "__main__":
-    main()
+VAE_STAGES = {"vae": VAEStage}
