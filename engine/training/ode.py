@@ -96,7 +96,7 @@ def ode_regression(model, bank: dict, idx: torch.Tensor, sched: FewStepSchedule,
     states, x0, emb = bank["states"][idx], bank["x0"][idx], bank["prompt_embeds"][idx]
     B, n_frames = len(idx), x0.shape[2]
     num_blocks = n_frames // fpb
-    cache = (cache_model or model).make_cache(x0.shape[3], x0.shape[4], max_frames=n_frames - fpb, differentiable=True)
+    cache = (cache_model or model).make_cache(x0.shape[3], x0.shape[4], max_frames=max(n_frames - fpb, fpb), differentiable=True)
     exits = [torch.randint(0, len(sched), (B,), generator=g) for _ in range(num_blocks)]  # (B,) per block
 
     def frames(b):

@@ -1,0 +1,301 @@
+"""The default model's chain as presets of the one trainer, on tiny sizes: the vae stage (colour target, base
+directory with a seeded text encoder, exact resume, bad input), a teacher from scratch on that base with its latent
+cache, ode-init with its trajectory bank, `python -m engine eval` of the student and of the teacher
+(--teacher-steps), and `python -m engine ship`.
+
+Every stage runs the real presets (configs/shapes-vae.yaml, shapes-teacher-scratch.yaml, shapes-ode-init.yaml) with
+overrides that shrink them: 32x32 videos of 9 frames, a VAE of base_dim 4, a 1-layer transformer (2 heads x 8), a
+UMT5 of width 16, 2 steps per stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.cli import main as engine_main
+from engine.data.shapes import ShapesConfig, ShapesDataset
+from engine.sampling.schedule import FewStepSchedule
+from engine.training.config import VAEConfig, load_config
+from engine.training.trainer import param_checksums
+from engine.training.vae import colour_target
+
+SMALL = ["--engine.height", "32", "--engine.width", "32", "--engine.num_frames", "9",  # one block of 3 latent frames
+         "--train.tensorboard", "false", "--train.save_every", "1", "--max-steps", "2"]
+TINY_VAE = SMALL + ["--models.init", "null", "--vae.base_dim", "4", "--vae.decoder_base_dim", "4",
+                    "--vae.dim_mult", "[1, 2, 2, 2]", "--vae.clip_frames", "5", "--vae.eval_clips", "2",
+                    "--train.batch_size", "1", "--data.num_samples", "16",
+                    "--models.text_encoder", "{d_model: 16, num_layers: 1, num_heads: 2, d_ff: 32}"]
+TINY_TRANSFORMER = ("{patch_size: [1, 2, 2], num_attention_heads: 2, attention_head_dim: 8, in_channels: 16, "
+                    "out_channels: 16, text_dim: 16, freq_dim: 16, ffn_dim: 32, num_layers: 1, cross_attn_norm: true, "
+                    "qk_norm: rms_norm_across_heads, eps: 1.0e-6, rope_max_seq_len: 64}")
+
+
+def train(stage: str, preset: str, out: Path, *over: str) -> int:
+    return engine_main(["train", stage, "--config", preset, "--output-dir", str(out), *over])
+
+
+def rows(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(ln).items() if "time" not in k}
+            for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------- colour target
+
+def cells_numpy(x: np.ndarray, tf: int, sf: int) -> np.ndarray:
+    """Reference: mean RGB of each latent cell by explicit loops (frame 0 alone, then groups of tf frames)."""
+    B, C, T, H, W = x.shape
+    groups = [[0]] + [list(range(1 + tf * g, 1 + tf * (g + 1))) for g in range((T - 1) // tf)]
+    out = np.zeros((B, C, len(groups), H // sf, W // sf))
+    for b in range(B):
+        for k, frames in enumerate(groups):
+            for i in range(H // sf):
+                for j in range(W // sf):
+                    cell = x[b][:, frames][:, :, i * sf:(i + 1) * sf, j * sf:(j + 1) * sf]  # (C, frames, sf, sf)
+                    out[b, :, k, i, j] = cell.mean(axis=(1, 2, 3))
+    return out
+
+
+def test_colour_target_constant_colour_per_frame_group():
+    colours = torch.tensor([[0.9, -0.8, -0.8], [-0.8, 0.7, -0.6], [-0.7, -0.5, 1.0]])  # frame 0, frames 1-4, 5-8
+    group = [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    x = colours[group].T[None, :, :, None, None].expand(2, 3, 9, 16, 24).contiguous()  # (B, 3, T, H, W)
+    out = colour_target(x, VAEConfig())  # 8x spatial, 4x temporal
+    assert out.shape == (2, 3, 3, 2, 3)
+    for k in range(3):
+        torch.testing.assert_close(out[:, :, k], colours[k][None, :, None, None].expand(2, 3, 2, 3))
+
+
+@pytest.mark.parametrize("dim_mult,temporal,tf,sf", [([1, 2, 2, 2], [False, True, True], 4, 8),
+                                                      ([1, 2, 2], [False, True], 2, 4)])
+def test_colour_target_two_colour_video_matches_numpy(dim_mult, temporal, tf, sf):
+    rng = np.random.default_rng(0)
+    red, blue = np.array([0.8, -0.7, -0.7]), np.array([-0.6, -0.3, 1.0])
+    B, T, H, W = 2, 1 + 2 * tf, 2 * sf, 3 * sf
+    mask = rng.random((B, 1, T, H, W)) < 0.3
+    x = np.where(mask, red[None, :, None, None, None], blue[None, :, None, None, None]).astype(np.float32)
+    out = colour_target(torch.from_numpy(x), VAEConfig(dim_mult=dim_mult, temperal_downsample=temporal)).numpy()
+    expected = cells_numpy(x.astype(np.float64), tf, sf)
+    assert out.shape == expected.shape == (B, 3, 3, 2, 3)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------- the chain
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict:
+    """vae -> teacher from scratch on its base (latent cache, text encoder trained) -> ode-init (bank)."""
+    root = tmp_path_factory.mktemp("chain")
+    assert train("vae", "shapes-vae", root / "vae", *TINY_VAE, "--vae.align_weight", "1.0") == 0
+    assert train("teacher", "shapes-teacher-scratch", root / "teacher", *SMALL, "--models.base", str(root / "vae" / "base"),
+                 "--models.transformer", TINY_TRANSFORMER, "--data.path", str(root / "cache"),
+                 "--data.num_samples", "4", "--train.batch_size", "2", "--flow_matching.sample_steps", "2") == 0
+    assert train("ode-init", "shapes-ode-init", root / "ode", *SMALL, "--models.teacher", str(root / "teacher" / "teacher"),
+                 "--ode.num_trajectories", "4", "--ode.num_steps", "4", "--data.num_samples", "4",
+                 "--train.batch_size", "2") == 0
+    return dict(root=root)
+
+
+def test_vae_stage_writes_a_base_with_latent_statistics_and_a_seeded_text_encoder(chain):
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from engine.data.shapes import VOCABULARY
+    from engine.models.text import build_word_tokenizer, tiny_umt5
+
+    base = chain["root"] / "vae" / "base"
+    assert sorted(p.name for p in base.iterdir() if p.is_dir()) == ["text_encoder", "tokenizer", "vae"]
+    vae = AutoencoderKLWan.from_pretrained(base / "vae")
+    assert vae.config.base_dim == 4 and len(vae.config.latents_mean) == 16
+    assert vae.config.latents_mean != [0.0] * 16 and all(s > 0 for s in vae.config.latents_std)
+    r = rows(chain["root"] / "vae")
+    assert [x["step"] for x in r] == [1, 2] and all(np.isfinite(x["vae_loss"]) for x in r)
+    assert all(np.isfinite(x["base/align"]) and x["base/psnr_train"] > 0 for x in r)
+    # the text encoder at its seeded random init, as the recipe built it (torch.manual_seed(0), then tiny_umt5)
+    tok = build_word_tokenizer(VOCABULARY)
+    torch.manual_seed(0)
+    ref = tiny_umt5(len(tok.get_vocab()), d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    te = UMT5EncoderModel.from_pretrained(base / "text_encoder")
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), te.state_dict().values()))
+    assert AutoTokenizer.from_pretrained(base / "tokenizer").get_vocab() == tok.get_vocab()
+
+
+def test_teacher_from_scratch_on_the_vae_base(chain):
+    from engine.pipeline import Engine
+
+    root = chain["root"]
+    eng = Engine.from_pretrained(root / "teacher" / "teacher")
+    assert eng.transformer.config.num_layers == 1 and eng.config.prompt_grammar == "shapes"
+    assert eng.config.guidance_scale == 3.0  # flow_matching.guidance_scale, what eval --teacher-steps uses
+    assert (root / "cache" / "meta.json").is_file()  # the latent cache of data.path
+    vae_a = load_file(root / "vae" / "base" / "vae" / "diffusion_pytorch_model.safetensors")
+    vae_b = load_file(root / "teacher" / "teacher" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert vae_a.keys() == vae_b.keys() and all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    te_base = load_file(root / "vae" / "base" / "text_encoder" / "model.safetensors")
+    te = load_file(root / "teacher" / "teacher" / "text_encoder" / "model.safetensors")
+    assert not torch.equal(te_base["shared.weight"], te["shared.weight"])  # trained with the teacher
+
+
+def test_ode_init_bank_then_eval_and_ship(chain, tmp_path, capsys):
+    from engine.pipeline import Engine
+
+    root = chain["root"]
+    assert len(list((root / "ode" / "trajectories").glob("traj-*.safetensors"))) == 4
+    gen = root / "ode" / "generator"
+    report = tmp_path / "eval.json"
+    assert engine_main(["eval", "--checkpoint", str(gen), "--limit", "1", "--seeds", "0", "--json", str(report)]) == 0
+    assert engine_main(["eval", "--checkpoint", str(root / "teacher" / "teacher"), "--limit", "1", "--seeds", "0",
+                        "--teacher-steps", "2", "--guidance", "2.0"]) == 0
+    assert "| " in capsys.readouterr().out
+    assert json.loads(report.read_text())[str(gen)]["n"] == 1
+    card = tmp_path / "card.md"
+    card.write_text("# tiny shapes model\n")
+    out = tmp_path / "shipped"
+    assert engine_main(["ship", str(gen), "--out", str(out), "--card", str(card)]) == 0
+    eng = Engine.from_pretrained(out)
+    assert eng.model_card == "# tiny shapes model\n" and not (out / "transformer").is_symlink()
+    assert torch.equal(param_checksums(eng.transformer), param_checksums(Engine.from_pretrained(gen).transformer))
+    video = eng.generate("a red circle moving left", num_frames=9, seed=0)
+    assert video.frames.shape == (9, 32, 32, 3)
+    with pytest.raises(ValueError, match="unknown word.*'dog'"):
+        eng.generate("a red dog moving left", num_frames=9)
+    assert engine_main(["ship", str(gen), "--out", str(out)]) == 2  # exists: --force to replace
+    assert engine_main(["ship", str(gen), "--out", str(out), "--force"]) == 0
+    assert engine_main(["eval", "--checkpoint", str(gen), "--guidance", "2"]) == 2  # --guidance needs --teacher-steps
+
+
+# ------------------------------------------------------------------------------------------------ resume, errors
+
+def test_vae_stage_resume_is_exact(tmp_path, capsys):
+    over = [*TINY_VAE, "--max-steps", "4", "--train.save_every", "100", "--vae.deterministic", "false"]
+    assert train("vae", "shapes-vae", tmp_path / "straight", *over) == 0
+    assert train("vae", "shapes-vae", tmp_path / "stopped", *over, "--max-steps", "2") == 0
+    assert train("vae", "shapes-vae", tmp_path / "stopped", *over) == 2  # holds checkpoints: --resume
+    assert train("vae", "shapes-vae", tmp_path / "stopped", *over, "--resume") == 0
+    assert rows(tmp_path / "straight") == rows(tmp_path / "stopped")
+    a = load_file(tmp_path / "straight" / "base" / "vae" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "stopped" / "base" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a changed config is refused, naming the key
+    assert train("vae", "shapes-vae", tmp_path / "stopped", *over, "--max-steps", "5", "--resume",
+                 "--vae.align_weight", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "vae.align_weight" in err
+
+
+def test_vae_phase_from_an_earlier_base(tmp_path):
+    """models.init: a phase starts from the previous phase's base (the same architecture, or a clear error)."""
+    assert train("vae", "shapes-vae", tmp_path / "p1", *TINY_VAE, "--max-steps", "1") == 0
+    assert train("vae", "shapes-vae", tmp_path / "p2", *TINY_VAE, "--max-steps", "1",
+                 "--models.init", str(tmp_path / "p1" / "base")) == 0
+    assert train("vae", "shapes-vae", tmp_path / "p3", *TINY_VAE, "--models.init", str(tmp_path / "p1" / "base"),
+                 "--vae.base_dim", "8") == 2
+    assert train("vae", "shapes-vae", tmp_path / "p4", *TINY_VAE, "--models.init", str(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("over, message", [
+    (["--vae.bogus", "1"], "unknown config key.*vae.bogus.*valid keys:.*clip_frames"),
+    (["--vae.clip_frames", "6"], "vae.clip_frames"),
+    (["--vae.temperal_downsample", "[true]"], "vae.temperal_downsample"),
+    (["--vae.kl_weight", "-1"], "vae.kl_weight"),
+    (["--data.source", "synthetic"], "data.source"),
+    (["--minutes", "0"], "minutes"),
+    (["--models.text_encoder", "{width: 3}"], "unknown text encoder setting.*width"),
+])
+def test_vae_stage_bad_input(tmp_path, capsys, over, message):
+    import re
+
+    try:
+        rc = train("vae", "shapes-vae", tmp_path / "run", *TINY_VAE, *over)
+    except SystemExit as e:  # argparse's refusal of --minutes 0
+        rc = e.code
+    assert rc == 2
+    assert re.search(message, capsys.readouterr().err, re.S)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_base_without_transformer_needs_the_architecture_and_text_encoder_is_vae_only(tmp_path, capsys):
+    assert train("vae", "shapes-vae", tmp_path / "vae", *TINY_VAE, "--max-steps", "1") == 0
+    preset = tmp_path / "teacher.yaml"  # presets merge models.transformer key by key: a preset of its own
+    preset.write_text(f"stage: teacher\nmodels: {{base: {tmp_path / 'vae' / 'base'}, transformer: {{num_layers: 1}}}}\n"
+                      f"data: {{source: shapes, num_samples: 2, path: {tmp_path / 'cache'}}}\n")
+    assert train("teacher", str(preset), tmp_path / "t", *SMALL) == 2
+    assert "models.transformer must give the architecture" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="models.text_encoder"):
+        load_config("shapes-teacher-scratch", ["--models.text_encoder", "{d_model: 16}"])
+
+
+def test_presets_reproduce_the_recipe_settings():
+    vae = load_config("shapes-vae")
+    assert (vae.vae.clip_frames, vae.vae.align_weight, vae.train.batch_size, vae.optim.lr) == (17, 1.0, 2, 1e-3)
+    assert vae.models.text_encoder == {"d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128}
+    teacher = load_config("shapes-teacher-scratch")
+    assert teacher.models.base == "runs/shapes-vae/base" and teacher.flow_matching.train_text_encoder
+    assert (teacher.data.num_samples, teacher.train.batch_size, teacher.train.ema_decay) == (3000, 32, 0.999)
+    ode = load_config("shapes-ode-init")
+    assert ode.models.teacher == "checkpoints/shapes-teacher" and ode.ode.context == "clean"
+    assert (ode.ode.num_trajectories, ode.ode.num_steps, ode.ode.guidance_scale, ode.optim.lr) == (4096, 32, 3.0, 2e-4)
+    for cfg in (vae, teacher, ode):
+        assert cfg.engine.schedule().timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])  # shift 3
+        assert cfg.engine.prompt_grammar == "shapes" and cfg.train.cpu_threads == 1
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-sf" / "engine_config.json"
+    if shipped.is_file():  # the presets' engine settings are the shipped model's
+        import dataclasses
+
+        assert json.loads(shipped.read_text()) == dataclasses.asdict(ode.engine)
+
+
+# ---------------------------------------------------------------------------------------------- ODE regression
+
+class _ZeroFlow(torch.nn.Module):
+    """A stand-in transformer that predicts zero flow (so x0 = its input) and records its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def make_cache(self, h, w, max_frames, differentiable):
+        return ("cache", h, w, max_frames, differentiable)
+
+    def forward(self, x, t, emb, kv_cache=None, update_cache=False):
+        self.calls.append((x.clone(), t.clone(), update_cache))
+        return type("Out", (), {"sample": torch.zeros_like(x) * self.w})()
+
+
+def test_ode_regression_per_sample_steps_and_clean_context():
+    """ode_regression (ODE init, and DMD's regression term): per block, the x0 prediction from the state of a
+    per-sample random few-step timestep against the trajectory's x0, the earlier blocks' clean x0 written to the
+    cache at t = 0; the loss is the mean of the per-block MSEs."""
+    from engine.training.ode import ode_regression
+
+    sched, fpb = FewStepSchedule.from_denoising_steps([1000.0, 750.0, 500.0, 250.0], shift=3.0, warp=True), 3
+    B, N, F = 3, 5, 9
+    bank = {"states": torch.randn(N, len(sched), 4, F, 2, 2), "x0": torch.randn(N, 4, F, 2, 2),
+            "prompt_embeds": torch.randn(N, 7, 16)}
+    idx = torch.tensor([4, 0, 2])
+    model = _ZeroFlow()
+    loss, losses = ode_regression(model, bank, idx, sched, fpb, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    ref = []
+    for b in range(F // fpb):
+        sl = slice(b * fpb, (b + 1) * fpb)
+        k = torch.randint(0, len(sched), (B,), generator=g)
+        pred = bank["states"][idx, k][:, :, sl]  # zero flow: x0 prediction = the input state
+        ref.append((pred - bank["x0"][idx][:, :, sl]).square().mean())
+        x, t, upd = model.calls[2 * b]
+        assert not upd and torch.equal(x, pred)
+        assert torch.equal(t, torch.tensor(sched.timesteps)[k][:, None].expand(B, fpb).float())
+        if b + 1 < F // fpb:
+            x, t, upd = model.calls[2 * b + 1]
+            assert upd and torch.equal(x, bank["x0"][idx][:, :, sl]) and torch.equal(t, torch.zeros(B, fpb))
+    assert len(model.calls) == 2 * (F // fpb) - 1
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref))
+    torch.testing.assert_close(loss, torch.stack(ref).mean())
+    loss.backward()
+    assert model.w.grad is not None
