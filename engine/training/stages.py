@@ -1,4 +1,4 @@
-"""The three training stages: what each one builds, checks and computes. The loop lives in trainer.py.
+"""The training stages: what each one builds, checks and computes. The loop lives in trainer.py.
 
     teacher    flow matching of a bidirectional Wan transformer on video latents, caption dropout for CFG
     ode-init   regression of the causal generator on the teacher's ODE trajectories (per block, one random few-step
@@ -6,6 +6,8 @@
                or `ode.context: noisy`, one call under the block-causal mask), CausVid / Self-Forcing's init
     dmd        Self-Forcing distillation: generator rollout with its own KV cache; real score = frozen teacher
                with CFG; fake score = critic initialised from the teacher; DMD, SiD or FGM generator loss
+    vae, vq, vq-dmd  in vae.py (the codec and the base directory) and vq.py (the quantized generator), through
+               EXTENSION_STAGES
 
 A stage builds its networks and data and checks them (missing directories, incompatible shapes, unknown
 words) in its constructor, before any training step. It exposes `trainables` (name -> module, trained with
