@@ -23,6 +23,12 @@ Options: the same exit step for all blocks (`same_step_across_blocks`), the last
 the first block (`grad_first_block=False`: its frames are masked out of the loss), and the context noise
 (`schedule.context_t`). The denoised-timestep range [t_{e+1} (0 after the last step), t_e] is recorded per
 block (Self-Forcing's denoised_timestep_to / _from); the DMD loss can draw its timesteps inside it.
+
+Long-horizon distillation (docs/training.md, "Long-horizon DMD"): `window_start` makes the blocks before it history
+(no gradient, not returned) and the result the window from there to the last block; with a rolling-window cache
+this is the live stream's situation past the clip. A timeline cond (B, F, L, D) switches prompts at block
+boundaries exactly as the live stream does (`engine.sampling.recache.switch_prompt`: new cross-attention K/V and,
+with `recache`, LongLive's KV re-cache of the window under the new prompt), one implementation for both.
 """
 
 from __future__ import annotations
