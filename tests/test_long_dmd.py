@@ -29,11 +29,8 @@ def eng():
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engines")
-    tiny_engine(seed=0).save_pretrained(root / "teacher")
-    tiny_engine(seed=1).save_pretrained(root / "generator")
-    return root
+def dirs(tiny_engine_dirs):
+    return tiny_engine_dirs
 
 
 def config(dirs: Path, preset: str = "tiny-dmd-long", **over):
