@@ -43,6 +43,7 @@ import torch
 from .models.text import check_prompts
 from .sampling.block_sampler import Conditioning, context_pass, denoise_block, num_renoise
 from .sampling.codec import decode_together, temporal_compression
+from .sampling.recache import ContextRecord, switch_prompt
 from .sampling.noise import block_noise, check_seed
 
 # The default rolling window of live streams (latent frames, the current block included) and its frame sink,
@@ -150,8 +151,7 @@ class LiveStream:
         self._unstarted = 0
 
         self.caches = engine._caches(self._cond, self._frame_shape, differentiable=False)
-        self._max_ctx, self._sinks = self.caches[0].max_frames, self.caches[0].sink_frames
-        self._ctx: list[tuple[int, torch.Tensor]] = []  # the context inputs the cond cache holds: (frame, (B,C,1,h,w))
+        self._ctx = ContextRecord.of(self.caches[0])  # the context inputs the cond cache holds, for the re-cache
         self._deferred = None  # (x0, steps) of the last block: its context pass runs before the next block
         self.decoder_name = engine._check_decoder(decoder or engine.decoder)  # "vae" | "fast"
         self.decoder = engine.streaming_decoder(self.decoder_name) if decode else None
@@ -213,33 +213,10 @@ class LiveStream:
             return
         self.prompt, self._cond = prompt, cond
         self.timeline.append((b, prompt))
-        cache = self.caches[0]
-        cache.cross = [None] * cache.num_layers  # the new prompt's cross-attention K/V at the next call
-        if self.recache and self._ctx:
-            self._recache()
-
-    @torch.no_grad()
-    def _recache(self) -> None:
-        """Rebuild the cond cache's self-attention K/V under the new prompt from the window's context inputs, in
-        runs of consecutive frames of at most one block, each at its frames' positions (LongLive's KV re-cache)."""
-        cache, eng = self.caches[0], self.engine
-        cache.reset()
-        k = eng.config.num_frame_per_block
-        run: list[tuple[int, torch.Tensor]] = []
-
-        def flush():
-            if run:
-                cache.next_position = run[0][0]
-                ctx = torch.cat([t for _, t in run], dim=2)
-                context_pass(eng.transformer, self._cond, ctx, [], eng.schedule, (cache, None), ctx=ctx)
-                run.clear()
-        for f, t in self._ctx:
-            if run and (f != run[-1][0] + 1 or len(run) == k or len(run) == self._sinks):
-                flush()
-            run.append((f, t))
-        flush()
-        cache.next_position = self._ctx[-1][0] + 1
-        self.recaches += 1
+        eng = self.engine  # the new prompt's cross-attention K/V at the next call; the window re-cached under it
+        if switch_prompt(eng.transformer, cond.cond, eng.schedule, self.caches[0], self._ctx,
+                         eng.config.num_frame_per_block, recache_window=self.recache):
+            self.recaches += 1
 
     # -- iteration ------------------------------------------------------------------------------------------
     def __iter__(self):
@@ -306,10 +283,7 @@ class LiveStream:
         t0 = time.perf_counter()
         if self._deferred is not None:  # the previous block becomes context, under its own prompt
             ctx = context_pass(eng.transformer, self._cond, *self._deferred, eng.schedule, self.caches)
-            start = (b - 1) * eng.config.num_frame_per_block
-            self._ctx += [(start + i, ctx[:, :, i:i + 1]) for i in range(ctx.shape[2])]
-            while len(self._ctx) > self._max_ctx:  # the cache's eviction: the oldest frame after the sinks
-                del self._ctx[self._sinks]
+            self._ctx.add((b - 1) * eng.config.num_frame_per_block, ctx)
             self._deferred = None
         self._apply_switch(b)
         k = eng.config.num_frame_per_block

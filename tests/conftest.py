@@ -19,3 +19,14 @@ def _grad_mode_is_restored():
     fail the culprit, not its victims."""
     yield
     assert torch.is_grad_enabled(), "this test left torch.set_grad_enabled(False) behind"
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dirs(tmp_path_factory):
+    """Engine directories of two random tiny engines: teacher/ (seed 0) and generator/ (seed 1)."""
+    from engine.testing import tiny_engine
+
+    root = tmp_path_factory.mktemp("tiny-engines")
+    tiny_engine(seed=0).save_pretrained(root / "teacher")
+    tiny_engine(seed=1).save_pretrained(root / "generator")
+    return root

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from engine.pipeline import Engine
-from engine.testing import tiny_engine
 from engine.training.trainer import param_checksums
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +34,8 @@ def torchrun_train(tmp_path, out, *args) -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    tiny_engine(seed=0).save_pretrained(root / "teacher")
-    tiny_engine(seed=1).save_pretrained(root / "generator")
-    return root
+def engines(tiny_engine_dirs):
+    return tiny_engine_dirs
 
 
 def test_two_processes_train_with_identical_replicas(engines, tmp_path):

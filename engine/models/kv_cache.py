@@ -200,6 +200,30 @@ class KVCache:
         self.total_frames += new_frames
         self.next_position += new_frames
 
+    def held(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """A copy of every layer's held (k, v) (None where empty), for `keep_items`."""
+        return [None if (kv := self.get(i)) is None else (kv[0].clone(), kv[1].clone())
+                for i in range(self.num_layers)]
+
+    def keep_items(self, held: list, items: torch.Tensor) -> None:
+        """Give the batch items where `items` (B,) is False their K/V of `held` back (taken by `held()` while the
+        cache held the same frames in the same slots): a re-cache of some items of a batch only."""
+        for layer, old in enumerate(held):
+            cur = self.get(layer)
+            if old is None or cur is None:
+                continue
+            if old[0].shape != cur[0].shape:
+                raise ValueError(f"keep_items: the cache holds {tuple(cur[0].shape)} in layer {layer}, the kept K/V "
+                                 f"are {tuple(old[0].shape)}: they must hold the same frames")
+            m = items.to(cur[0].device).view(-1, 1, 1, 1)
+            k, v = torch.where(m, cur[0], old[0]), torch.where(m, cur[1], old[1])
+            if self.differentiable:
+                self._k[layer], self._v[layer] = k, v
+            else:
+                with torch.no_grad():
+                    cur[0].copy_(k)  # views of the buffers
+                    cur[1].copy_(v)
+
     def reset(self, keep_cross: bool = False) -> None:
         """Forget all frames (buffers are kept for reuse); optionally keep the prompt's cross-attention K/V."""
         self.num_frames = 0

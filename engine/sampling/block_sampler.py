@@ -74,6 +74,7 @@ def block_loop(
     grad: str = "all",
     grad_blocks: Sequence[bool] | None = None,
     context: Callable[[int, torch.Tensor, list[torch.Tensor]], tuple[torch.Tensor, float]] | None = None,
+    before_block: Callable[[int], None] | None = None,
 ) -> Iterator[dict]:
     """Yield {"block", "num_blocks", "start", "stop", "x0" (B, C, Fb, H, W), "exit", "seconds"} per block.
 
@@ -95,6 +96,8 @@ def block_loop(
     context(b, x0, noise) -> (input, t): what block b writes into the KV cache for the blocks after it, at timestep
         t (the generated block re-noised to context_t: `flow_context`; DDIM's clean sample at 0; the teacher's x0
         for the ODE regression). Not called after the last block. None: no context pass (a live stream defers it).
+    before_block(b): called before block b's input is taken, after block b - 1's context pass: where a prompt
+        switch takes effect (the rollout on a timeline switches its prompt and re-caches there, as the live stream).
     """
     if grad not in ("all", "exit"):
         raise ValueError(f"grad must be 'all' or 'exit', got {grad!r}")
@@ -105,6 +108,8 @@ def block_loop(
             raise ValueError(f"{name} needs one entry per block ({num_blocks}), got {len(per_block)}")
     for b in range(num_blocks):
         t0 = time.perf_counter()
+        if before_block is not None:
+            before_block(b)
         x, noise = inputs(b)
         B, n = x.shape[0], x.shape[2]
         e = len(rule) - 1 if exit_steps is None else exit_steps[b]
@@ -255,13 +260,14 @@ def denoise_block(model, cond: Conditioning, x: torch.Tensor, steps: list[torch.
 
 
 def context_pass(model, cond: Conditioning, x0: torch.Tensor, steps: list[torch.Tensor], schedule: FewStepSchedule,
-                 caches, *, ctx: torch.Tensor | None = None) -> torch.Tensor:
+                 caches, *, ctx: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Write a generated block into the KV cache(s) as context for the following blocks; returns its input.
 
     ctx: the context input itself (a re-cache replays stored inputs); default `context_input(x0, steps, ...)`.
+    dtype: the network's (default model.dtype; a wrapped model has none).
     """
     ctx = context_input(x0, steps, schedule) if ctx is None else ctx
-    flow_denoiser(model, cond, caches)(ctx, _t_frames(schedule.context_t, ctx.shape[0], ctx.shape[2], ctx.device),
+    flow_denoiser(model, cond, caches, dtype=dtype)(ctx, _t_frames(schedule.context_t, ctx.shape[0], ctx.shape[2], ctx.device),
                                        True)
     return ctx
 

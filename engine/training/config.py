@@ -44,6 +44,7 @@ from .vq_config import VQTrainConfig
 # vae: the codec (engine/training/vae.py); vq, vq-dmd: the quantized generator (engine/training/vq.py)
 STAGES = ("vae", "teacher", "ode-init", "dmd", "vq", "vq-dmd")
 DATA_SOURCES = ("shapes", "latents", "prompts", "synthetic")
+ROLLOUT_WINDOWS = ("uniform", "last")  # rollout.window: the loss window's place in a long rollout
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
 TINY_BASE = "tiny"  # models.base value: engine.testing.tiny_engine() components, built in memory
 
@@ -250,11 +251,23 @@ class RolloutConfig:
         an independent one per block (the default).
     last_step_only: always exit at the last few-step timestep.
     grad_first_block: False runs the first block without gradient and masks it out of the generator loss.
+
+    Long-horizon distillation (docs/training.md, "Long-horizon DMD"):
+    num_frames: latent frames of the long rollout (whole blocks, >= the clip's; null = the clip: today's rollout).
+        The generator rolls out with its rolling window and sinks (engine.local_attn_frames / sink_frames, required
+        when longer than the clip); the losses apply to a window of the clip's length, the blocks before it run
+        without gradient and the rollout stops at the window's end.
+    window: which block-aligned window: uniform (Self-Forcing++) or last (always the end of the long rollout).
+    recache: at a prompt switch of a timeline inside the rollout, re-cache the window's KV under the new prompt
+        (LongLive's KV re-cache, the live stream's default) instead of only switching the cross-attention prompt.
     """
 
     same_step_across_blocks: bool = False
     last_step_only: bool = False
     grad_first_block: bool = True
+    num_frames: int | None = None
+    window: str = "uniform"
+    recache: bool = True
 
 
 @dataclass
@@ -378,6 +391,11 @@ class Config:
         _check(not d.gan or self.data.source != "prompts", "data.source", self.data.source,
                "shapes, latents or synthetic with dmd.gan_weight / gan_critic_weight > 0 (the GAN term needs real "
                "clips; a prompt file has none)")
+        r = self.rollout
+        _check(r.num_frames is None or r.num_frames >= 1, "rollout.num_frames", r.num_frames,
+               "latent frames of the long rollout, >= 1 (whole blocks, at least the clip's), or null for the clip")
+        _check(r.window in ROLLOUT_WINDOWS, "rollout.window", r.window,
+               "uniform (a block-aligned window of the long rollout, uniformly) or last (its last window)")
         _check(self.sample.every >= 0, "sample.every", self.sample.every, ">= 0 (0 = never)")
         _check(len(self.sample.prompts) >= 1, "sample.prompts", self.sample.prompts, "at least one prompt")
         if self.stage == "vae":  # checked where it is read (engine.num_frames may be short for other stages)

@@ -128,9 +128,10 @@ class SyntheticSource:
 class ShapesSource:
     """engine.data.shapes clips; latents by VAE encoding (the posterior mode, normalised), captions as text.
 
-    With switch clips (shapes switch_prob > 0) every item with latents also has `frame_prompts`, the prompt of
-    each latent frame (frame f lies in block f // frames_per_block), so that all batches have one form. Without
-    latents (prompt data for rollouts) an item is its first prompt.
+    With switch clips (shapes switch_prob > 0) every item also has `frame_prompts`, the prompt of each latent
+    frame (frame f lies in block f // frames_per_block), so that all batches have one form: the clip's timeline,
+    which the dmd rollout switches on (ode-init reads its first prompt, `first_prompt`). Without latents no video
+    is rendered: the timeline comes from the clip's description.
     """
 
     def __init__(self, shapes_cfg, seed: int, num_samples: int, vae=None):
@@ -147,7 +148,15 @@ class ShapesSource:
         from engine.data.shapes import caption
 
         if not need_latents:  # captions need no rendering
-            return {"caption": caption(self.dataset.spec(i))}
+            spec = self.dataset.spec(i)
+            out = {"caption": caption(spec)}
+            if self.per_frame:
+                from engine.data.shapes import TEMPORAL, timeline_of
+
+                cfg = self.dataset.cfg
+                out["frame_prompts"] = frame_prompts(timeline_of(spec), (cfg.num_frames - 1) // TEMPORAL + 1,
+                                                     cfg.frames_per_block)
+            return out
         item = self.dataset[i]
         out = {"caption": item["caption"], "latents": encode_video(self.vae, item["video"][None])[0]}
         if self.per_frame:
@@ -162,6 +171,11 @@ def frame_prompts(timeline, num_frames: int, frames_per_block: int) -> list[str]
 
     timeline = check_timeline(timeline)
     return [next(p for b, p in reversed(timeline) if b * frames_per_block <= f) for f in range(num_frames)]
+
+
+def first_prompt(prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) as is; a timeline (B, F, L, D) -> the prompt of its first frame (B, L, D)."""
+    return prompt_embeds[:, 0] if prompt_embeds.ndim == 4 else prompt_embeds
 
 
 def embed_items(items: list[dict], prompts: "PromptEncoder") -> torch.Tensor:

@@ -23,6 +23,12 @@ Options: the same exit step for all blocks (`same_step_across_blocks`), the last
 the first block (`grad_first_block=False`: its frames are masked out of the loss), and the context noise
 (`schedule.context_t`). The denoised-timestep range [t_{e+1} (0 after the last step), t_e] is recorded per
 block (Self-Forcing's denoised_timestep_to / _from); the DMD loss can draw its timesteps inside it.
+
+Long-horizon distillation (docs/training.md, "Long-horizon DMD"): `window_start` makes the blocks before it history
+(no gradient, not returned) and the result the window from there to the last block; with a rolling-window cache
+this is the live stream's situation past the clip. A timeline cond (B, F, L, D) switches prompts at block
+boundaries exactly as the live stream does (`engine.sampling.recache.switch_prompt`: new cross-attention K/V and,
+with `recache`, LongLive's KV re-cache of the window under the new prompt), one implementation for both.
 """
 
 from __future__ import annotations
@@ -35,15 +41,17 @@ import torch
 from engine.models.kv_cache import KVCache
 from engine.sampling.block_sampler import Conditioning, FlowStep, block_loop, flow_context, flow_denoiser, noise_blocks
 from engine.sampling.noise import SamplerNoise
+from engine.sampling.recache import ContextRecord, switch_prompt
 from engine.sampling.schedule import FewStepSchedule
 
 
 @dataclass
 class RolloutResult:
-    x0: torch.Tensor  # (B, C, F, H, W) float32; gradient only through each block's exit step
-    exit_steps: list[int]  # one per block
+    x0: torch.Tensor  # (B, C, F, H, W) float32, the window's frames; gradient only through each block's exit step
+    exit_steps: list[int]  # one per block of the window
     grad_frames: torch.Tensor  # (F,) bool: frames whose x0 carries gradient
     block_ranges: list[tuple[float, float]]  # per block (timestep_to, timestep_from) of its exit step
+    window_start: int = 0  # a long rollout: the block of the whole rollout at which x0 (the window) starts
 
     @property
     def timestep_range(self) -> tuple[float, float]:
@@ -82,14 +90,23 @@ def self_forcing_rollout(
     grad: bool = True,
     grad_first_block: bool = True,
     dtype: torch.dtype | None = None,
+    window_start: int = 0,
+    recache: bool = True,
 ) -> RolloutResult:
     """Roll the generator out over all blocks of `noise` (see the module docstring): the inference loop
     (`block_sampler.block_loop` with the same step rule, noise and context) with exit steps and gradient only there.
 
     model: the causal transformer (possibly wrapped by DDP / FSDP), called as model(x, t (B, Fb), cond,
-        kv_cache=..., update_cache=...). cond: prompt embeddings (B, L, D). noise: z0 (B, C, F, H, W) and the
-        re-noising / context noises of `schedule` (`block_sampler.num_renoise`). make_cache: a fresh KV cache
-        for this rollout; use a differentiable one when grad=True. grad=False: a plain sample (critic updates).
+        kv_cache=..., update_cache=...). cond: prompt embeddings (B, L, D), or a timeline (B, F, L, D) with one
+        prompt per rolled-out latent frame, constant within each block: at a block whose prompt differs from the
+        block before (for any batch item) the prompt switches as in the live stream (`recache.switch_prompt`).
+        noise: z0 (B, C, F, H, W) and the re-noising / context noises of `schedule` (`block_sampler.num_renoise`).
+        make_cache: a fresh KV cache for this rollout; use a differentiable one when grad=True. grad=False: a plain
+        sample (critic updates).
+    window_start: the first block of the window the result holds (a long rollout: the blocks before it are
+        history, run without gradient and not returned; the rollout ends with the window's last block).
+    recache: at a switch, re-cache the window's KV under the new prompt (LongLive; the live default) or only
+        change the cross-attention prompt.
     """
     k = num_frame_per_block
     if noise.shape[2] % k:
@@ -98,16 +115,58 @@ def self_forcing_rollout(
     K = len(schedule)
     if len(exit_steps) != num_blocks or not all(0 <= e < K for e in exit_steps):
         raise ValueError(f"need one exit step in [0, {K}) per block ({num_blocks}), got {exit_steps}")
+    if not 0 <= window_start < num_blocks:
+        raise ValueError(f"window_start must be a block in [0, {num_blocks}), got {window_start}")
     if dtype is None:
         dtype = next(model.parameters()).dtype
-    grad_blocks = [grad and (grad_first_block or b > 0) for b in range(num_blocks)]
-    denoise = flow_denoiser(model, Conditioning(cond.to(noise.z0.device, dtype)), make_cache(), dtype=dtype,
-                            text_grad=True)
-    blocks = block_loop(denoise, FlowStep(schedule), noise_blocks(noise, k, float32=True), num_blocks=num_blocks,
-                        exit_steps=exit_steps, grad="exit", grad_blocks=grad_blocks,
-                        context=flow_context(schedule, detach=True))
-    x0 = torch.cat([info["x0"] for info in blocks], dim=2)  # (B, C, F, H, W)
+    grad_blocks = [grad and b >= window_start and (grad_first_block or b > 0) for b in range(num_blocks)]
+    cond = cond.to(noise.z0.device, dtype)
+    prompts = block_prompts(cond, noise.shape[2], k)  # per block (B, L, D), or None: one prompt throughout
+    cache = make_cache()
+    text = {"denoise": flow_denoiser(model, Conditioning(cond if prompts is None else prompts[0]), cache, dtype=dtype,
+                                     text_grad=True)}
+    context = flow_context(schedule, detach=True)
+    before_block = None
+    if prompts is not None:  # a timeline: switches as the live stream makes them
+        record = ContextRecord.of(cache)
+        live_context = context
+
+        def context(b, x0, steps):
+            ctx, t = live_context(b, x0, steps)
+            record.add(b * k, ctx)
+            return ctx, t
+
+        def before_block(b):
+            if b == 0:
+                return
+            items = (prompts[b] != prompts[b - 1]).flatten(1).any(1)  # (B,) the items whose prompt switches here
+            if not items.any():
+                return
+            text["denoise"] = flow_denoiser(model, Conditioning(prompts[b]), cache, dtype=dtype, text_grad=True)
+            switch_prompt(model, prompts[b], schedule, cache, record, k, recache_window=recache,
+                          items=None if items.all() else items, dtype=dtype)
+
+    blocks = block_loop(lambda x, t, update: text["denoise"](x, t, update), FlowStep(schedule),
+                        noise_blocks(noise, k, float32=True), num_blocks=num_blocks, exit_steps=exit_steps,
+                        grad="exit", grad_blocks=grad_blocks, context=context, before_block=before_block)
+    x0 = torch.cat([info["x0"] for info in blocks if info["block"] >= window_start], dim=2)  # (B, C, F_window, H, W)
     ts = schedule.timesteps
-    ranges = [(ts[e + 1] if e + 1 < K else 0.0, ts[e]) for e in exit_steps]
-    grad_frames = torch.tensor([g for g in grad_blocks for _ in range(k)])
-    return RolloutResult(x0, list(exit_steps), grad_frames, ranges)
+    exits = list(exit_steps[window_start:])
+    ranges = [(ts[e + 1] if e + 1 < K else 0.0, ts[e]) for e in exits]
+    grad_frames = torch.tensor([g for g in grad_blocks[window_start:] for _ in range(k)])
+    return RolloutResult(x0, exits, grad_frames, ranges, window_start)
+
+
+def block_prompts(cond: torch.Tensor, num_frames: int, num_frame_per_block: int) -> list[torch.Tensor] | None:
+    """The prompt of each block (B, L, D) of a timeline cond (B, F, L, D); None for one prompt (B, L, D).
+    ValueError when the timeline does not cover the frames or switches inside a block."""
+    if cond.ndim == 3:
+        return None
+    k = num_frame_per_block
+    if cond.ndim != 4 or cond.shape[1] != num_frames:
+        raise ValueError(f"cond must be (B, L, D) or a timeline (B, F, L, D) over the rollout's {num_frames} latent "
+                         f"frames, got {tuple(cond.shape)}")
+    blocks = cond.unflatten(1, (num_frames // k, k))  # (B, n, k, L, D)
+    if not torch.equal(blocks, blocks[:, :, :1].expand_as(blocks)):
+        raise ValueError(f"a timeline's prompts may switch at block boundaries only (blocks of {k} latent frames)")
+    return list(blocks[:, :, 0].unbind(1))

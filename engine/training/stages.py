@@ -45,7 +45,7 @@ from engine.sampling.schedule import FlowSchedule, flow_to_x0
 
 from .config import TINY_BASE, Config, OptimConfig
 from .data import (Batch, LatentDirSource, PromptEncoder, PromptFileSource, ShapesSource, SyntheticSource, TrainData,
-                   build_latent_cache, seeded)
+                   build_latent_cache, first_prompt, seeded)
 from .losses import (CriticLoss, FlowMatchingLoss, GANCriticLoss, GANGeneratorLoss, ODERegressionLoss, as_x0_fn,
                      make_generator_loss)
 from .ode import TrajectoryBank, guided_flow, ode_grid, ode_regression, ode_solve
@@ -395,8 +395,8 @@ class Stage:
         if self.prompts.available:
             return self.prompts(list(self.cfg.sample.prompts))
         n = len(self.cfg.sample.prompts)
-        return torch.cat([self.data.collate([self.data.source.get(i % len(self.data), False)], [i]).prompt_embeds
-                          for i in range(n)])
+        return torch.cat([first_prompt(self.data.collate([self.data.source.get(i % len(self.data), False)],
+                                                         [i]).prompt_embeds) for i in range(n)])
 
     def check_sample_prompts(self) -> None:
         if self.prompts.available:
@@ -626,7 +626,8 @@ class ODEInitStage(_GeneratorStage):
         src = self.data.source
         for c in range(0, len(todo), cfg.train.batch_size):
             idx = todo[c : c + cfg.train.batch_size]
-            cond = self.data.collate([src.get(i % len(src), False) for i in idx], idx).prompt_embeds.to(rt.device)
+            cond = first_prompt(self.data.collate([src.get(i % len(src), False) for i in idx], idx).prompt_embeds)
+            cond = cond.to(rt.device)
             z = torch.stack([torch.randn(self.shape, generator=seeded(cfg.train.seed, _tag("trajectory"), i))
                              for i in idx]).to(rt.device)  # (B, C, F, h, w)
             states, x0 = self._trajectories(cond, z)
@@ -640,7 +641,7 @@ class ODEInitStage(_GeneratorStage):
 
     def loss(self, batch: Batch, rnd: StepRandom):
         dev = self.rt.device
-        cond = batch.prompt_embeds.to(dev)  # (B, L, D)
+        cond = first_prompt(batch.prompt_embeds).to(dev)  # (B, L, D): a switch clip's first prompt
         if "states" in batch.extra:
             states, x0 = batch.extra["states"].to(dev), batch.extra["x0"].to(dev)
         else:
@@ -704,6 +705,26 @@ class DMDStage(_GeneratorStage):
         if e.local_attn_frames is not None and e.local_attn_frames < e.sink_frames + 2 * self.block:
             raise ValueError(f"engine.local_attn_frames={e.local_attn_frames} is too small: it must be >= sink_frames "
                              f"+ 2 * num_frame_per_block = {e.sink_frames + 2 * self.block}")
+        self.rollout_blocks = self._long_rollout_blocks()
+
+    def _long_rollout_blocks(self) -> int:
+        """Blocks of the rollout (rollout.num_frames), checked: whole blocks, at least the clip, a rolling window
+        when longer than the clip."""
+        n, F, k, e = self.cfg.rollout.num_frames, self.shape[1], self.block, self.cfg.engine
+        if n is None:
+            return self.num_blocks
+        if n % k or n < F:
+            raise ValueError(f"rollout.num_frames = {n} is invalid: expected whole blocks of engine.num_frame_per_block"
+                             f" = {k} latent frames, at least the clip's {F} (engine.num_frames = {e.num_frames}): "
+                             f"{F}, {F + k}, {F + 2 * k}, ... (or null: the clip)")
+        if n > F and e.local_attn_frames is None:
+            from engine.live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES
+
+            raise ValueError(f"rollout.num_frames = {n} latent frames is longer than the clip's {F} and needs the "
+                             f"rolling window the live stream uses: set engine.local_attn_frames (latent frames, the "
+                             f"current block included; >= sink_frames + 2 * num_frame_per_block) and "
+                             f"engine.sink_frames (live default: {LIVE_WINDOW_FRAMES} and {LIVE_SINK_FRAMES})")
+        return n // k
 
     def _attach_gan_head(self, critic) -> None:
         """DMD2's classifier head on the critic's features: a trainable of its own (critic_optim), stepped with
@@ -778,20 +799,42 @@ class DMDStage(_GeneratorStage):
             max_frames = e.local_attn_frames - self.block
         gen = self.trainables["generator"]  # the raw module: make_cache reads its config only
         return lambda: gen.make_cache(self.shape[2], self.shape[3], max_frames=max_frames, sink_frames=e.sink_frames,
-                                      differentiable=differentiable)
+                                      differentiable=differentiable, positions=e.rope_positions)
+
+    def window_start(self, rnd: StepRandom) -> int:
+        """The first block of the loss window in the long rollout (0 without one), the same on every process:
+        uniform over the block-aligned windows, or the last one (rollout.window)."""
+        last = self.rollout_blocks - self.num_blocks
+        if last == 0:
+            return 0
+        if self.cfg.rollout.window == "last":
+            return last
+        return int(torch.randint(0, last + 1, (1,), generator=rnd.shared("window")))
 
     def rollout(self, cond: torch.Tensor, rnd: StepRandom, grad: bool):
+        """The generator's rollout up to the end of the loss window (the whole clip without rollout.num_frames).
+        cond: the clip's prompts (B, L, D) or timeline (B, F, L, D); in a long rollout the blocks before the window
+        run under the timeline's first prompt and the window under the clip's timeline."""
         r = self.cfg.rollout
-        noise = SamplerNoise.from_seed(rnd.local_seed("noise"), (cond.shape[0], *self.shape),
+        start = self.window_start(rnd)
+        stop = start + self.num_blocks
+        C, F, h, w = self.shape
+        noise = SamplerNoise.from_seed(rnd.local_seed("noise"), (cond.shape[0], C, stop * self.block, h, w),
                                        num_renoise(self.schedule), device=self.rt.device)
-        exits = draw_exit_steps(self.num_blocks, len(self.schedule), rnd.shared("exit"),
+        exits = draw_exit_steps(self.rollout_blocks, len(self.schedule), rnd.shared("exit"),
                                 same_step_across_blocks=r.same_step_across_blocks, last_step_only=r.last_step_only)
+        if cond.ndim == 4 and start:  # the history before the window: the timeline's first prompt
+            cond = torch.cat([cond[:, :1].expand(-1, start * self.block, -1, -1), cond], dim=1)
         t0 = time.perf_counter()
         with torch.set_grad_enabled(grad):
             res = self_forcing_rollout(self.nets["generator"], cond, noise, self.schedule, self._make_cache(grad),
-                                       num_frame_per_block=self.block, exit_steps=exits, grad=grad,
-                                       grad_first_block=r.grad_first_block, dtype=torch.float32)
+                                       num_frame_per_block=self.block, exit_steps=exits[:stop], grad=grad,
+                                       grad_first_block=r.grad_first_block, dtype=torch.float32,
+                                       window_start=start, recache=r.recache)
         return res, time.perf_counter() - t0
+
+    def _window_logs(self, res) -> dict:
+        return {"window_start": res.window_start} if self.rollout_blocks > self.num_blocks else {}
 
     # -- scores (x0 predictors) for the losses
     def real_score(self, cond):
@@ -809,7 +852,7 @@ class DMDStage(_GeneratorStage):
         critic, head = nets["critic"], nets["gan_head"]
 
         def logits(x_t, t):
-            c = cond.repeat(x_t.shape[0] // cond.shape[0], 1, 1)  # (B, L, D)
+            c = cond.repeat(x_t.shape[0] // cond.shape[0], *[1] * (cond.ndim - 1))  # (B, L, D) or (B, F, L, D)
             return head(critic(x_t, t, c, feature_layers=self.gan_layers).features)
 
         return logits
@@ -844,7 +887,7 @@ class DMDStage(_GeneratorStage):
             logs["ode_loss"] = reg.item()
         lo, hi = res.timestep_range
         logs.update(time_rollout=t_roll, exit_step_mean=float(np.mean(res.exit_steps)), timestep_to=lo,
-                    timestep_from=hi)
+                    timestep_from=hi, **self._window_logs(res))
         return loss, logs
 
     def critic_step(self, batch: Batch, rnd: StepRandom):
@@ -859,7 +902,7 @@ class DMDStage(_GeneratorStage):
                                                  generator=rnd.local("gan"))
             loss = loss + self.cfg.dmd.gan_critic_weight * gan
             logs.update({k: v for k, v in gan_logs.items() if k != "t_mean"})
-        logs["time_rollout"] = t_roll
+        logs.update(time_rollout=t_roll, **self._window_logs(res))
         return loss, logs
 
 
