@@ -1,8 +1,8 @@
 """Benchmark of the default model (checkpoints/shapes-sf): evaluator accuracy of the 4-step student and of its
 teacher, their NFE and wall-time ratio, and streaming speed on this CPU.
 
-    python benchmarks/bench_default_model.py                                  # student only
-    python benchmarks/bench_default_model.py --teacher /work/runs/shapes/teacher/transformer --threads 1
+    python benchmarks/bench_default_model.py --threads 1       # student beside the shipped teacher
+    python benchmarks/bench_default_model.py --teacher none    # student only
 
 Student: `Engine.generate` of the shipped checkpoint, exactly what users run, over EVAL_PROMPTS x seeds.
 Teacher: the bidirectional transformer from the same z0 (the Engine's noise for the seed), Euler with
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,8 @@ def student_videos(eng, prompts, seeds):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(engine.default_checkpoint()))
-    ap.add_argument("--teacher", default=None, help="teacher transformer directory (skip the teacher if absent)")
+    ap.add_argument("--teacher", default="checkpoints/shapes-teacher",
+                    help="teacher engine directory or its transformer/ folder ('none': the student only)")
     ap.add_argument("--teacher-steps", type=int, default=32)
     ap.add_argument("--guidance", type=float, default=3.0, help="teacher CFG w, standard convention")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -59,8 +61,14 @@ def main(argv=None):
     rows = {f"student ({n_steps} steps)": evaluate([p for _ in a.seeds for p in prompts], s_videos)}
 
     lines = []
-    if a.teacher:
+    if a.teacher.lower() != "none":
         from engine.models.causal_wan import CausalWanTransformer3DModel
+
+        if (Path(a.teacher) / "transformer" / "config.json").is_file():
+            a.teacher = str(Path(a.teacher) / "transformer")
+        if not (Path(a.teacher) / "config.json").is_file():
+            raise SystemExit(f"--teacher {a.teacher}: not an engine directory or a transformer folder "
+                             "(no config.json); 'none' skips the teacher")
 
         teacher_eng = engine.Engine.from_pretrained(a.checkpoint)  # the student's VAE, text encoder and noise
         teacher_eng.transformer = CausalWanTransformer3DModel.from_pretrained(a.teacher).eval()

@@ -299,3 +299,25 @@ def test_ode_regression_per_sample_steps_and_clean_context():
     torch.testing.assert_close(loss, torch.stack(ref).mean())
     loss.backward()
     assert model.w.grad is not None
+
+
+# ------------------------------------------------------------------------------ the shipped DMD presets
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@pytest.mark.parametrize("preset, window", [("shapes-dmd", None), ("shapes-dmd-long", (12, 3))])
+def test_shipped_dmd_presets_run_from_a_clean_clone(tmp_path, preset, window):
+    """The default model's DMD presets need nothing but the shipped student and teacher (issue 15, item 4): two
+    updates at the shipped size (the first a generator update) write an engine directory whose generator moved
+    away from the shipped student and whose window is the preset's (the long preset's is the live default)."""
+    out = tmp_path / preset
+    assert train("dmd", preset, out, "--max-steps", "2", "--train.batch_size", "1", "--data.num_samples", "8",
+                 "--train.tensorboard", "false") == 0
+    cfg = json.loads((out / "generator" / "engine_config.json").read_text())
+    assert (cfg["local_attn_frames"], cfg["sink_frames"]) == (window or (None, 0))
+    trained = load_file(str(out / "generator" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    shipped = load_file(str(CHECKPOINTS / "shapes-sf" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert trained.keys() == shipped.keys()
+    assert any(not torch.equal(trained[k], shipped[k]) for k in trained)
+    assert [r["step"] for r in rows(out)][-1] == 2
