@@ -321,3 +321,32 @@ def test_shipped_dmd_presets_run_from_a_clean_clone(tmp_path, preset, window):
     assert trained.keys() == shipped.keys()
     assert any(not torch.equal(trained[k], shipped[k]) for k in trained)
     assert [r["step"] for r in rows(out)][-1] == 2
+
+
+@pytest.mark.parametrize("teacher, message", [
+    ("checkpoints/shapes-sf", "not a bidirectional teacher: it is the 'generator' of a 'dmd' run"),
+    ("checkpoints/shapes-sf-vq", "not a bidirectional teacher: it is the 'generator' of a 'vq-dmd' run"),
+    ("checkpoints/shapes-sf-vq/transformer", "quantized generator"),
+])
+def test_a_generator_as_teacher_is_refused(tmp_path, capsys, teacher, message):
+    """A distilled student or a quantized generator given as models.teacher (the real score) is refused, named."""
+    rc = train("dmd", "shapes-dmd", tmp_path / "run", "--models.teacher", str(CHECKPOINTS.parent / teacher),
+               "--models.base", str(CHECKPOINTS / "shapes-sf"), "--max-steps", "1")
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_trainer_products_record_what_they_are(tmp_path):
+    """Every engine directory the trainer writes says which stage and network made it (training.json): what the
+    teacher check reads. A dmd run's generator is then refused as the teacher of the next run."""
+    out = tmp_path / "dmd"
+    assert train("dmd", "shapes-dmd", out, "--max-steps", "1", "--train.batch_size", "1",
+                 "--data.num_samples", "4", "--train.tensorboard", "false") == 0
+    assert json.loads((out / "generator" / "training.json").read_text()) == {
+        "stage": "dmd", "network": "generator", "step": 1}
+    assert json.loads((out / "critic" / "training.json").read_text())["network"] == "critic"
+    with pytest.raises(ValueError, match="'critic' of a 'dmd' run"):
+        from engine.training.stages import check_teacher
+
+        check_teacher(str(out / "critic"))
+    check_teacher(str(CHECKPOINTS / "shapes-teacher"))  # the shipped teacher passes

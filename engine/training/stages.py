@@ -230,12 +230,34 @@ def load_components(cfg: Config, stage: str, device) -> Components:
     return Components(vae, te, tok, tcfg, str(base))
 
 
+def check_teacher(path: str, key: str = "models.teacher") -> None:
+    """Refuse a directory that is not a bidirectional teacher: an engine directory whose `training.json` (written
+    by the trainer) names another network (a distilled generator, a critic), or a quantized transformer.
+    Directories without `training.json` (converted Wan weights, older runs) are taken as they are."""
+    record = Path(path) / "training.json"
+    if record.is_file():
+        info = json.loads(record.read_text())
+        if info.get("network") != "teacher":
+            raise ValueError(f"{key} = {path} is not a bidirectional teacher: it is the {info.get('network')!r} of a "
+                             f"{info.get('stage')!r} run (training.json); give the engine directory of a teacher run "
+                             "(e.g. checkpoints/shapes-teacher or runs/NAME/teacher)")
+    from ..models.quantized_wan import transformer_class_for
+
+    config = CausalWanTransformer3DModel.load_config(transformer_dir(path, key))
+    if transformer_class_for(config) is not CausalWanTransformer3DModel:
+        raise ValueError(f"{key} = {path} is a quantized generator ({config.get('_class_name')}), not a "
+                         "bidirectional teacher")
+
+
 def load_transformer(path: str | None, key: str) -> CausalWanTransformer3DModel:
     """The transformer of an engine directory or a transformer directory (`transformer_dir`), float32 on the
-    CPU, of the class its config.json names (causal or quantized)."""
+    CPU, of the class its config.json names (causal or quantized); `models.teacher` must be a teacher
+    (`check_teacher`)."""
     p = transformer_dir(path, key)
     from ..models.quantized_wan import transformer_class_for
 
+    if key == "models.teacher":
+        check_teacher(path, key)
     config = CausalWanTransformer3DModel.load_config(p)
     model = transformer_class_for(config).from_config(config)
     load_model_weights(model, p)

@@ -310,6 +310,8 @@ class Checkpointer:
         (target / "engine_config.json").write_text(json.dumps(settings, indent=2))
         use = ("Load with `engine.Engine.from_pretrained(...)`" if "transformer" in parts else
                "A base directory without transformer: `models.base` of a teacher run")
+        # what the directory is, for the stages that read it (a dmd stage refuses a generator as models.teacher)
+        (target / "training.json").write_text(json.dumps({"stage": self.stage.name, "network": name, "step": step}))
         (target / "README.md").write_text(
             f"# {target.name}\n\nTrained by `python -m engine train {self.stage.name}` (network: {name}), step "
             f"{step}. {use}; training config in ../../../config.yaml.\n")
