@@ -107,6 +107,10 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.engine.height == 32  # from _tiny-common.yaml through `extends`
     with pytest.raises(ValueError, match="train.batch_size: 'x' is not a int"):
         load_config("tiny-dmd", ["--train.batch_size", "x"])
+    # YAML 1.1 reads 3e-4 (no dot) as a string: a float key still takes it; a word is still refused
+    assert load_config("tiny-dmd", ["--optim.lr", "3e-4"]).optim.lr == 3e-4
+    with pytest.raises(ValueError, match="optim.lr: 'fast' is not a float"):
+        load_config("tiny-dmd", ["--optim.lr", "fast"])
     with pytest.raises(ValueError, match="dmd.loss = 'kl' is invalid: expected one of dmd, sid, fgm"):
         load_config("tiny-dmd", ["--dmd.loss", "kl"])
     assert parse_overrides(["--a.b-c", "null"]) == {"a": {"b_c": None}}
