@@ -234,6 +234,9 @@ def test_presets_reproduce_the_recipe_settings():
     vae = load_config("shapes-vae")
     assert (vae.vae.clip_frames, vae.vae.align_weight, vae.train.batch_size, vae.optim.lr) == (17, 1.0, 2, 1e-3)
     assert vae.models.text_encoder == {"d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128}
+    long = load_config("shapes-vae-long")  # phase 5: long windows (the shipped VAE drifts after ~25 frames)
+    assert (long.vae.clip_frames, long.engine.num_frames, long.models.init) == (49, 49, "runs/shapes-vae/base")
+    assert long.vae.align_weight == vae.vae.align_weight and long.vae.dim_mult == vae.vae.dim_mult
     teacher = load_config("shapes-teacher-scratch")
     assert teacher.models.base == "runs/shapes-vae/base" and teacher.flow_matching.train_text_encoder
     assert (teacher.data.num_samples, teacher.train.batch_size, teacher.train.ema_decay) == (3000, 32, 0.999)
