@@ -141,6 +141,28 @@ def test_teacher_from_scratch_on_the_vae_base(chain):
     assert not torch.equal(te_base["shared.weight"], te["shared.weight"])  # trained with the teacher
 
 
+def test_latent_cache_names_its_vae(chain, tmp_path, capsys):
+    """A VAE retrained at the same base path (the vae-long phase over runs/shapes-vae/base) does not reuse the old
+    VAE's latent cache: the cache records a digest of the VAE's weights and refuses another one, naming both."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = chain["root"]
+    base = tmp_path / "base"
+    shutil.copytree(root / "vae" / "base", base)
+    over = [*SMALL, "--models.base", str(base), "--models.transformer", TINY_TRANSFORMER, "--data.path",
+            str(tmp_path / "cache"), "--data.num_samples", "4", "--train.batch_size", "2", "--max-steps", "1",
+            "--flow_matching.sample_steps", "2"]
+    assert train("teacher", "shapes-teacher-scratch", tmp_path / "t1", *over) == 0
+    f = base / "vae" / "diffusion_pytorch_model.safetensors"
+    w = load_file(f)
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in w.items()}, f)
+    assert train("teacher", "shapes-teacher-scratch", tmp_path / "t2", *over) == 2
+    err = capsys.readouterr().err
+    assert "was made for other settings" in err and "'vae'" in err
+
+
 def test_ode_init_bank_then_eval_and_ship(chain, tmp_path, capsys):
     from engine.pipeline import Engine
 

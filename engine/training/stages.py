@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -249,6 +250,16 @@ def check_teacher(path: str, key: str = "models.teacher") -> None:
                          "bidirectional teacher")
 
 
+def module_digest(module: torch.nn.Module) -> str:
+    """A short content hash of a module's weights: a latent cache names the VAE that made it, so a retrained VAE
+    at the same path is not mistaken for the old one."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_transformer(path: str | None, key: str) -> CausalWanTransformer3DModel:
     """The transformer of an engine directory or a transformer directory (`transformer_dir`), float32 on the
     CPU, of the class its config.json names (causal or quantized); `models.teacher` must be a teacher
@@ -326,7 +337,7 @@ def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: boo
         source = ShapesSource(scfg, d.seed, d.num_samples, comps.vae)
         if d.path and need_latents:
             desc = {"kind": "shapes", "seed": d.seed, "num_samples": d.num_samples, "shapes": _plain(scfg),
-                    "base": comps.source, "text_max_length": e.text_max_length}
+                    "base": comps.source, "vae": module_digest(comps.vae), "text_max_length": e.text_max_length}
             source = build_latent_cache(d.path, source, prompts, rank=rt.rank, world=rt.world, barrier=rt.barrier,
                                         is_main=rt.is_main, description=desc)
     elif d.source == "latents":
