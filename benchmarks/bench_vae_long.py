@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.data.evaluate import EVAL_PROMPTS, evaluate_video  # noqa: E402
 from engine.data.long_eval import reference_stream  # noqa: E402
-from engine.io import quiet_loaders  # noqa: E402
+from engine.io import quiet_loaders, to_uint8  # noqa: E402
 
 WINDOW = 33
 
@@ -39,7 +39,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def roundtrip(vae, frames: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
     out = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    return ((out[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return to_uint8((out[0].permute(1, 2, 3, 0) + 1) / 2)
 
 
 def score(prompt: str, frames: np.ndarray, render: np.ndarray) -> list[tuple[float, float, float]]:

@@ -9,6 +9,7 @@ engine_config.json, the model card as README.md) atomically to --out, e.g. check
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 
@@ -31,5 +32,8 @@ def run(args) -> int:
     if args.card is not None:
         eng.model_card = Path(args.card).read_text()
     eng.save_pretrained(out)
+    record = Path(args.source) / "training.json"  # what made it (a distillation checks its teacher by it)
+    if record.is_file():
+        shutil.copyfile(record, out / "training.json")
     print(f"shipped {args.source} -> {out}")
     return 0
