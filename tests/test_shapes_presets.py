@@ -163,6 +163,41 @@ def test_latent_cache_names_its_vae(chain, tmp_path, capsys):
     assert "was made for other settings" in err and "'vae'" in err
 
 
+def test_models_vae_swaps_the_codec_and_keeps_the_base_text_encoder(chain, tmp_path, capsys):
+    """models.vae (how the default model moved to its phase-5 VAE): the stage's VAE comes from that directory, the
+    text encoder and tokenizer stay the base's; the latent cache is the new VAE's. A directory without vae/ and the
+    vae stage (which trains its own) are refused by name."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = chain["root"]
+    other = tmp_path / "vae-phase-5"
+    shutil.copytree(root / "vae" / "base" / "vae", other / "vae")
+    f = other / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in load_file(f).items()}, f)
+    over = [*SMALL, "--models.base", str(root / "vae" / "base"), "--models.transformer", TINY_TRANSFORMER,
+            "--data.num_samples", "4", "--train.batch_size", "2", "--max-steps", "1", "--flow_matching.sample_steps",
+            "2", "--flow_matching.train_text_encoder", "false"]
+    assert train("teacher", "shapes-teacher-scratch", tmp_path / "t", *over, "--models.vae", str(other),
+                 "--data.path", str(tmp_path / "cache")) == 0
+    made = tmp_path / "t" / "teacher"
+    vae = load_file(made / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae[k], v) for k, v in load_file(f).items())
+    te = load_file(made / "text_encoder" / "model.safetensors")
+    te_base = load_file(root / "vae" / "base" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(te[k], v) for k, v in te_base.items())
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta != json.loads((root / "cache" / "meta.json").read_text())  # the new VAE's latents, not the old ones
+    capsys.readouterr()
+    assert train("teacher", "shapes-teacher-scratch", tmp_path / "t2", *over, "--models.vae", str(tmp_path),
+                 "--data.path", str(tmp_path / "cache2")) == 2
+    assert f"models.vae = {tmp_path} has no vae/ directory" in capsys.readouterr().err
+    assert train("vae", "shapes-vae", tmp_path / "v", *TINY_VAE, "--models.vae", str(other)) == 2
+    err = capsys.readouterr().err
+    assert "models.vae" in err and "not used by the vae stage" in err
+
+
 def test_ode_init_bank_then_eval_and_ship(chain, tmp_path, capsys):
     from engine.pipeline import Engine
 

@@ -70,6 +70,8 @@ class ModelsConfig:
     ode_bank: dmd stage with dmd.regression_weight > 0: a trajectory bank written by an ode-init run with
         ode.num_trajectories > 0 (that run's output directory, or its trajectories/ directory).
     transformer: teacher stage, random init: overrides of the base transformer config (e.g. num_layers).
+    vae: every stage but vae: an engine directory (e.g. a later VAE phase's base) whose vae/ replaces the base's,
+        the text encoder and tokenizer staying the base's (how the default model moved to the phase-5 VAE).
     text_encoder: vae stage: a new text encoder for the base it writes, a tiny UMT5 (`engine.models.text.tiny_umt5`
         settings d_model, num_layers, num_heads, d_ff) at its random initialisation seeded by train.seed, with a
         word tokenizer over the shapes grammar's words; {} = the base gets no text encoder.
@@ -82,6 +84,7 @@ class ModelsConfig:
     init: str | None = None
     transformer: dict = field(default_factory=dict)
     ode_bank: str | None = None
+    vae: str | None = None
     text_encoder: dict = field(default_factory=dict)
 
 

@@ -190,6 +190,9 @@ def load_components(cfg: Config, stage: str, device) -> Components:
     """VAE, text encoder and tokenizer of models.base (default: the teacher), without its transformer weights.
     The vae stage trains its VAE and has no base: only the new text encoder of models.text_encoder, if any."""
     if stage == "vae":
+        if cfg.models.vae:
+            raise ValueError(f"config key models.vae = {cfg.models.vae!r} is not used by the vae stage: it trains its "
+                             f"own VAE (start it from another with models.init)")
         te, tok = new_text_components(cfg.models.text_encoder, cfg.train.seed) if cfg.models.text_encoder else (None,
                                                                                                              None)
         if te is not None:
@@ -225,10 +228,23 @@ def load_components(cfg: Config, stage: str, device) -> Components:
                 tok = AutoTokenizer.from_pretrained(path / "tokenizer")
         has_t = (path / "transformer").is_dir()
         tcfg = dict(CausalWanTransformer3DModel.load_config(path / "transformer")) if has_t else {}
+    if cfg.models.vae:
+        vae = _load_vae(cfg.models.vae)
     for m in (vae, te):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
     return Components(vae, te, tok, tcfg, str(base))
+
+
+def _load_vae(path: str) -> torch.nn.Module:
+    """models.vae: the VAE of an engine directory (a vae run's base has no transformer/)."""
+    from diffusers import AutoencoderKLWan
+
+    if not (Path(path) / "vae").is_dir():
+        raise FileNotFoundError(f"models.vae = {path} has no vae/ directory: expected an engine directory with a VAE "
+                                f"(e.g. runs/shapes-vae-long/base)")
+    with quiet_loaders():
+        return AutoencoderKLWan.from_pretrained(Path(path) / "vae")
 
 
 def check_teacher(path: str, key: str = "models.teacher") -> None:
