@@ -67,6 +67,8 @@ EVAL_PROMPTS: list[str] = [  # fixed benchmark: every colour x shape, 8 directio
 ]
 
 COLOR_NAMES = list(COLORS)
+MIN_AREA = 0.006   # an object is present in a frame if its colour covers this share of the frame (and >= 4 px)
+MIN_SPEED = 0.004  # slower than this * min(H, W) px per frame: no direction
 V_OBJECT, S_COLOR, S_WHITE, V_WHITE, V_BACKGROUND = 0.45, 0.35, 0.2, 0.6, 0.35
 
 
@@ -174,7 +176,7 @@ def flicker(frames: np.ndarray) -> float:
 
 
 def evaluate_video(prompt: str, frames: np.ndarray, free_frames: int | None = None,
-                   min_area: float = 0.006, min_speed: float = 0.004) -> dict:
+                   min_area: float = MIN_AREA, min_speed: float = MIN_SPEED) -> dict:
     """Judge one video against its prompt.
 
     Returns dict(prompt, color, shape, direction: fractions of the prompt's objects judged correct,
@@ -292,7 +294,8 @@ def add_arguments(p) -> None:
                         "(default: the checkpoint's guidance_scale, which a teacher run writes)")
     g = p.add_argument_group("long streams (engine/data/long_eval.py; docs/live.md)")
     g.add_argument("--long-seconds", type=float, default=None, metavar="S",
-                   help="score live streams of S seconds instead: every 33-frame window against its prompt")
+                   help="score live streams of S seconds instead: every 33-frame window against its prompt "
+                        "(colour, shape, strict and bounce-aware direction)")
     g.add_argument("--switch-every", type=float, default=None, metavar="K",
                    help="with --long-seconds: switch the prompt's colour / direction / both every K seconds and "
                         "score whether the stream follows within 2 blocks (one-object prompts)")
