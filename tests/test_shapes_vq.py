@@ -54,7 +54,7 @@ def test_shapes_vq_dmd_config_is_the_default_model_with_a_vq_head():
     assert C.load_config("shapes-vq-dmd").models.teacher == "checkpoints/shapes-teacher"  # the shipped teacher
     cfg = C.load_config("shapes-vq-dmd", ["--models.teacher", "/some/teacher/transformer"])
     assert cfg.stage == "vq-dmd" and cfg.models.teacher == "/some/teacher/transformer"
-    assert cfg.models.generator == cfg.models.base == "runs/shapes-ode-init/generator" and cfg.models.critic is None
+    assert cfg.models.generator == cfg.models.base == "checkpoints/shapes-sf" and cfg.models.critic is None
     assert cfg.data.source == "shapes"
     assert cfg.dmd.guidance_scale == 2.0  # the shipped DMD's real-score CFG (docs/default-model.md)
     assert cfg.vq.quantization_weight == 0.1
