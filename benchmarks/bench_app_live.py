@@ -170,13 +170,14 @@ def engine_turns(engine, k: int, blocks: int, decoder: str | None = None) -> flo
 def batched_vs_turns(engine, k: int, blocks: int, repeats: int = 3) -> dict:
     """Seconds for `blocks` blocks of k streams: in turns (k batch-1 streams, as the server runs them) against one
     batch-k forward (k prompts stacked; what a batched scheduler would do). Generation and decode, no server."""
-    from engine.live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES
+    from engine.live import live_default_window
     from engine.sampling.block_sampler import Conditioning, context_pass, denoise_block, num_renoise
     from engine.sampling.codec import StreamingDecoder
     from engine.sampling.noise import block_noise
 
-    eng = engine.with_settings(local_attn_frames=engine.config.local_attn_frames or LIVE_WINDOW_FRAMES,
-                               sink_frames=engine.config.sink_frames or LIVE_SINK_FRAMES)
+    window, sink = live_default_window(engine.config)
+    eng = engine.with_settings(local_attn_frames=engine.config.local_attn_frames or window,
+                               sink_frames=engine.config.sink_frames or sink)
     nb = eng.config.num_frame_per_block
     shape = eng.latent_shape(1 + 4 * (nb - 1))
     frame = (1, shape[1], 1, *shape[3:])

@@ -46,10 +46,15 @@ from .sampling.codec import decode_together, temporal_compression
 from .sampling.recache import ContextRecord, switch_prompt
 from .sampling.noise import block_noise, check_seed
 
-# The default rolling window of live streams (latent frames, the current block included) and its frame sink,
-# chosen by `python -m engine eval --long-seconds ...` on the default model: see docs/live.md.
-LIVE_WINDOW_FRAMES = 12
-LIVE_SINK_FRAMES = 3
+def live_default_window(config, temporal: int = 4) -> tuple[int, int]:
+    """(window, sink) in latent frames for a live stream whose call and checkpoint set no window: the clip the model
+    was made on (`config.num_frames`, in whole blocks of latent frames: the temporal positions and distances it has
+    seen), its first block kept as the frame sink; at least the sink plus two blocks. The default model: 9 / 3 (33
+    frames); a Self-Forcing Wan2.1 checkpoint: 21 / 3 (81 frames). A longer window puts the current block at
+    positions the model never saw, and the shapes model then drifts (docs/live.md, "The live default window")."""
+    k = config.num_frame_per_block
+    clip = ((config.num_frames - 1) // temporal + 1) // k * k
+    return max(clip, 3 * k), k
 
 
 def block_start_frame(block: int, num_frame_per_block: int, temporal: int = 4) -> int:

@@ -489,18 +489,20 @@ class Engine:
         pace, max_blocks, max_seconds, lock, record, decode, decoder ("vae" | "fast"; default: the engine's),
         height, width, on_frames).
 
-        Without a window in the settings or the engine's config, the live default (LIVE_WINDOW_FRAMES latent
-        frames with LIVE_SINK_FRAMES sinks) is used: a live stream never takes the unbounded, drifting path.
+        Without a window in the settings or the engine's config, the live default (`live_default_window`: the
+        model's training clip in latent frames, its first block as the sink) is used: a live stream never takes the
+        unbounded, drifting path.
         """
-        from .live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES, LiveStream
+        from .live import LiveStream, live_default_window
 
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
         config = {k: settings.pop(k) for k in list(settings) if k in fields}
         if "local_attn_frames" in config and config["local_attn_frames"] is None:
             raise ValueError("a live stream needs a rolling window: local_attn_frames must be an int, not None")
         if config.get("local_attn_frames", self.config.local_attn_frames) is None:
-            config.setdefault("local_attn_frames", LIVE_WINDOW_FRAMES)
-            config.setdefault("sink_frames", LIVE_SINK_FRAMES)
+            window, sink = live_default_window(self.config, temporal_compression(self.vae))
+            config.setdefault("local_attn_frames", window)
+            config.setdefault("sink_frames", sink)
         return LiveStream(self.with_settings(**config), prompt, seed=seed, timeline=timeline, **settings)
 
     def replay(self, seed: int, timeline, num_blocks: int, *, output_type: str = "np", **settings) -> Video:

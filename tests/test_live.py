@@ -241,10 +241,26 @@ def test_bad_input(eng, tmp_path):
     # the default window when the checkpoint has none
     plain = tiny_engine()
     s = plain.live(RED, record=False).settings()
-    from engine.live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES
-    assert (s["local_attn_frames"], s["sink_frames"]) == (LIVE_WINDOW_FRAMES, LIVE_SINK_FRAMES)
+    from engine.live import live_default_window
+    assert (s["local_attn_frames"], s["sink_frames"]) == live_default_window(plain.config)
     assert plain.config.local_attn_frames is None  # the engine itself is untouched
     assert json.loads(json.dumps(s)) == s
+
+
+def test_live_default_window_is_the_training_clip():
+    """The live default keeps the current block at the temporal positions the model was trained on: the clip's
+    latent frames, the first block as the sink (docs/live.md, "The live default window")."""
+    from engine import EngineConfig
+    from engine.live import live_default_window
+
+    assert live_default_window(EngineConfig(num_frames=33, num_frame_per_block=3)) == (9, 3)   # the default model
+    assert live_default_window(EngineConfig(num_frames=81, num_frame_per_block=3)) == (21, 3)  # Self-Forcing Wan2.1
+    assert live_default_window(EngineConfig(num_frames=37, num_frame_per_block=3)) == (9, 3)   # whole blocks only
+    assert live_default_window(EngineConfig(num_frames=9, num_frame_per_block=3)) == (9, 3)    # sink + 2 blocks
+    assert live_default_window(EngineConfig(num_frames=33, num_frame_per_block=1)) == (9, 1)
+    for num_frames, k in ((9, 3), (33, 3), (81, 3), (33, 1), (45, 2)):
+        window, sink = live_default_window(EngineConfig(num_frames=num_frames, num_frame_per_block=k))
+        EngineConfig(num_frames=num_frames, num_frame_per_block=k, local_attn_frames=window, sink_frames=sink)
 
 
 def test_cli_live_writes_mp4_and_timeline_and_replays_it(tmp_path, capsys):

@@ -184,7 +184,7 @@ def test_bad_long_rollout_settings_are_refused_with_the_accepted_range(dirs, tmp
     with pytest.raises(ValueError, match=r"rollout.num_frames = 3 is invalid: .*at least the clip's 6"):
         build(config(dirs, **{"rollout.num_frames": 3}), tmp_path)
     with pytest.raises(ValueError, match=r"rollout.num_frames = 12 latent frames is longer than the clip's 6 and "
-                                         r"needs the rolling window .*engine.local_attn_frames.*live default: 12 and 3"):
+                                         r"needs the rolling window .*engine.local_attn_frames.*live default: 9 and 3"):
         build(config(dirs, **{"engine.local_attn_frames": None, "engine.sink_frames": 0}), tmp_path)
     with pytest.raises(ValueError, match=r"rollout.num_frames = 0 is invalid: expected .* >= 1"):
         config(dirs, **{"rollout.num_frames": 0})

@@ -242,10 +242,10 @@ def test_tiny_engine_end_to_end_with_switches(eng):
 
 
 def test_live_defaults_are_used_and_bad_window_names_the_flags(eng):
-    from engine.live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES
+    from engine.live import live_default_window
 
     res = long_eval(eng, [RED], [0], 1)
-    assert (res["settings"]["window"], res["settings"]["sink"]) == (LIVE_WINDOW_FRAMES, LIVE_SINK_FRAMES)
+    assert (res["settings"]["window"], res["settings"]["sink"]) == live_default_window(eng.config)
     assert res["streams"][0]["switches"] == [] and len(res["streams"][0]["windows"]) == 0
     for window, sink in ((5, 0), (9, 4), (12, -1)):
         with pytest.raises(ValueError, match=r"--window .* --sink .*--window >= --sink \+ 2 x 3"):

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--window", type=int, default=None, help="attention window in latent frames (default: the "
-                   "checkpoint's, else the live default engine.live.LIVE_WINDOW_FRAMES)")
+                   "checkpoint's, else the live default engine.live.live_default_window: the model's training clip)")
     p.add_argument("--sink", type=int, default=None, help="sink frames kept in the window")
     p.add_argument("--rope-positions", choices=["window", "absolute"], default=None)
     p.add_argument("--no-recache", action="store_true", help="on a switch, swap only the cross-attention")

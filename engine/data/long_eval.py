@@ -384,12 +384,13 @@ def long_eval(eng, prompts: list[str], seeds: list[int], seconds: float, *, swit
               window: int | None = None, sink: int | None = None, reference: bool = False, log=None) -> dict:
     """Generate (or, reference=True, render procedurally) and score one stream per prompt x seed; see the module
     docstring. Returns {settings, summary, streams}."""
-    from ..live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES
+    from ..live import live_default_window
     from ..sampling.codec import temporal_compression
 
     check_long_args(seconds, switch_every)
-    window = LIVE_WINDOW_FRAMES if window is None else window
-    sink = LIVE_SINK_FRAMES if sink is None else sink
+    default_window, default_sink = live_default_window(eng.config, temporal_compression(eng.vae))
+    window = default_window if window is None else window
+    sink = default_sink if sink is None else sink
     check_window(eng, window, sink)
     c = eng.config
     k, tc, fps = c.num_frame_per_block, temporal_compression(eng.vae), int(c.fps)

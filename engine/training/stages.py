@@ -767,12 +767,13 @@ class DMDStage(_GeneratorStage):
                              f" = {k} latent frames, at least the clip's {F} (engine.num_frames = {e.num_frames}): "
                              f"{F}, {F + k}, {F + 2 * k}, ... (or null: the clip)")
         if n > F and e.local_attn_frames is None:
-            from engine.live import LIVE_SINK_FRAMES, LIVE_WINDOW_FRAMES
+            from engine.live import live_default_window
 
+            window, sink = live_default_window(e)
             raise ValueError(f"rollout.num_frames = {n} latent frames is longer than the clip's {F} and needs the "
                              f"rolling window the live stream uses: set engine.local_attn_frames (latent frames, the "
                              f"current block included; >= sink_frames + 2 * num_frame_per_block) and "
-                             f"engine.sink_frames (live default: {LIVE_WINDOW_FRAMES} and {LIVE_SINK_FRAMES})")
+                             f"engine.sink_frames (live default: {window} and {sink})")
         return n // k
 
     def _attach_gan_head(self, critic) -> None:
