@@ -46,6 +46,7 @@ from .sampling.codec import decode_together, temporal_compression
 from .sampling.recache import ContextRecord, switch_prompt
 from .sampling.noise import block_noise, check_seed
 
+
 def live_default_window(config, temporal: int = 4) -> tuple[int, int]:
     """(window, sink) in latent frames for a live stream whose call and checkpoint set no window: the clip the model
     was made on (`config.num_frames`, in whole blocks of latent frames: the temporal positions and distances it has

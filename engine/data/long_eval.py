@@ -388,12 +388,12 @@ def long_eval(eng, prompts: list[str], seeds: list[int], seconds: float, *, swit
     from ..sampling.codec import temporal_compression
 
     check_long_args(seconds, switch_every)
-    default_window, default_sink = live_default_window(eng.config, temporal_compression(eng.vae))
+    c = eng.config
+    k, tc, fps = c.num_frame_per_block, temporal_compression(eng.vae), int(c.fps)
+    default_window, default_sink = live_default_window(c, tc)
     window = default_window if window is None else window
     sink = default_sink if sink is None else sink
     check_window(eng, window, sink)
-    c = eng.config
-    k, tc, fps = c.num_frame_per_block, temporal_compression(eng.vae), int(c.fps)
     if switch_every is not None and switch_every < block_seconds(fps, k, tc) - 1e-9:
         raise ValueError(f"--switch-every must be at least one block ({block_seconds(fps, k, tc):g} s) and shorter "
                          f"than --long-seconds {seconds:g}, got {switch_every:g}")
