@@ -85,3 +85,35 @@ def test_eval_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert rec["color_se"] is None and 0 <= rec["color"] <= 1  # one video: no standard error (strict JSON)
     assert main(["eval", "--limit", "65"]) == 2  # out of range: a clear error, exit code 2
     assert "--limit must be in [0, 64]" in capsys.readouterr().err
+
+
+def test_eval_reference_scores_renders_through_the_checkpoints_vae(tmp_path, capsys):
+    """`eval --reference` on short clips: the prompts' renders encoded and decoded by the checkpoint's VAE (the
+    ceiling its codec sets). The shipped VAE keeps one object's colour and direction; a teacher flag is refused."""
+    from engine.cli import main
+
+    out = tmp_path / "ref.json"
+    assert main(["eval", "--checkpoint", str(CKPT), "--reference", "--limit", "3", "--seeds", "0", "1",
+                 "--json", str(out)]) == 0
+    assert "(renders via its VAE)" in capsys.readouterr().out
+    rec = json.loads(out.read_text())[f"{CKPT} (renders via its VAE)"]
+    assert rec["n"] == 6 and rec["color"] == 1.0 and rec["direction"] == 1.0
+    assert main(["eval", "--checkpoint", str(CKPT), "--reference", "--teacher-steps", "4"]) == 2
+    assert "--reference scores renders" in capsys.readouterr().err
+
+
+def test_eval_splits_one_and_two_object_prompts():
+    """The two-object rows are the same per-video results regrouped: object-weighted, they add up to the total."""
+    from engine.data.evaluate import by_object_count, evaluate
+    from engine.data.shapes import ShapesConfig, render, spec_from_prompt
+
+    cfg = ShapesConfig()
+    prompts = ["a red circle moving left", "a blue square and a white circle moving up",
+               "a green triangle moving down", "a yellow circle and a purple square moving right"]
+    videos = [render(spec_from_prompt(p, 0, cfg), cfg) for p in prompts]
+    videos[1] = videos[0]  # the two-object prompt gets the red circle: both of its objects are missing
+    res = evaluate(prompts, videos)
+    parts = by_object_count(prompts, res)
+    assert parts["one object"]["n"] == 2 and parts["two objects"]["n"] == 2
+    assert parts["one object"]["color"] == 1.0 and parts["two objects"]["color"] == 0.5  # 2 of its 4 objects
+    assert res["color"] == (1 + 0 + 1 + 2) / 6

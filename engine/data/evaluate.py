@@ -224,15 +224,16 @@ def evaluate_video(prompt: str, frames: np.ndarray, free_frames: int | None = No
                 flicker=flicker(frames), extra_colors=extra, objects=objects)
 
 
-def evaluate(prompts: list[str], videos, free_frames: int | None = None) -> dict:
+def evaluate(prompts: list[str], videos, free_frames: int | None = None, results: list[dict] | None = None) -> dict:
     """Aggregate over videos: colour / shape / direction accuracy per prompted object, `correct` per video,
-    mean flicker; `videos` keeps the per-video results."""
+    mean flicker; `videos` keeps the per-video results (`results`: `evaluate_video`'s, already computed)."""
     videos = list(videos)
     if len(prompts) != len(videos):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} videos")
     if not prompts:
         raise ValueError("nothing to evaluate: no prompts")
-    results = [evaluate_video(p, v, free_frames) for p, v in zip(prompts, videos)]
+    if results is None:
+        results = [evaluate_video(p, v, free_frames) for p, v in zip(prompts, videos)]
     out = dict(n=len(results))
     for name, key in (("color", "color_ok"), ("shape", "shape_ok"), ("direction", "direction_ok")):
         out[name], out[f"{name}_se"] = mean_and_se([[o[key] for o in r["objects"]] for r in results])
@@ -304,8 +305,9 @@ def add_arguments(p) -> None:
     g.add_argument("--sink", type=int, default=None, metavar="N",
                    help="with --long-seconds: sink frames in the window (default: the live default)")
     g.add_argument("--reference", action="store_true",
-                   help="with --long-seconds: score procedural renders of the same timelines (the evaluator's "
-                        "ceiling on long streams, bounces included) instead of the model")
+                   help="score procedural renders instead of the model (the evaluator's ceiling): of the same "
+                        "timelines with --long-seconds (bounces included); on short clips, the prompts' renders "
+                        "for each seed encoded and decoded by each checkpoint's VAE (the ceiling its codec sets)")
 
 
 def teacher_video(eng, prompt: str, seed: int, steps: int, w: float) -> np.ndarray:
@@ -327,6 +329,36 @@ def teacher_video(eng, prompt: str, seed: int, steps: int, w: float) -> np.ndarr
     return to_uint8((video.permute(1, 2, 3, 0).float() + 1) / 2)
 
 
+def vae_reference_video(eng, prompt: str, seed: int) -> np.ndarray:
+    """The dataset's render of `prompt` for `seed` at the engine's size, encoded (posterior mode) and decoded by its
+    VAE: the best a generator in that latent space can show, uint8 (T, H, W, 3)."""
+    import torch
+
+    from engine.io import to_uint8
+    from engine.sampling.codec import decode_full
+    from engine.training.data import encode_video
+
+    from .shapes import ShapesConfig, frames_to_tensor, render, spec_from_prompt
+
+    c = eng.config
+    cfg = ShapesConfig(height=c.height, width=c.width, num_frames=c.num_frames)
+    x = frames_to_tensor(render(spec_from_prompt(prompt, seed, cfg), cfg))[None]  # (1, 3, T, H, W)
+    with torch.no_grad():
+        video = decode_full(eng.vae, encode_video(eng.vae, x)).clamp(-1, 1)[0]
+    return to_uint8((video.permute(1, 2, 3, 0).float() + 1) / 2)
+
+
+def by_object_count(prompts: list[str], res: dict) -> dict:
+    """`res` (from `evaluate`) recomputed over the one-object and the two-object prompts apart:
+    {"one object": ..., "two objects": ...} (the counts that occur)."""
+    out = {}
+    for n, name in ((1, "one object"), (2, "two objects")):
+        keep = [i for i, p in enumerate(prompts) if len(parse_prompt(p, max_objects=None).objects) == n]
+        if keep:
+            out[name] = evaluate([prompts[i] for i in keep], [None] * len(keep), results=[res["videos"][i] for i in keep])
+    return out
+
+
 def run(args) -> int:
     import json
 
@@ -339,9 +371,10 @@ def run(args) -> int:
         from .long_eval import run_long
 
         return run_long(args)
+    reference = getattr(args, "reference", False)
     long_only = [f for f, v in (("--switch-every", getattr(args, "switch_every", None)),
-                                ("--window", getattr(args, "window", None)), ("--sink", getattr(args, "sink", None)),
-                                ("--reference", getattr(args, "reference", False) or None)) if v is not None]
+                                ("--window", getattr(args, "window", None)), ("--sink", getattr(args, "sink", None)))
+                 if v is not None]
     if long_only:
         raise ValueError(f"{', '.join(long_only)} only apply to long streams: add --long-seconds S (S > 0)")
     if not 0 <= args.limit <= len(EVAL_PROMPTS):
@@ -353,24 +386,32 @@ def run(args) -> int:
         raise ValueError(f"--teacher-steps must be >= 1, got {steps}")
     if w is not None and (steps is None or not np.isfinite(w) or w < 0):
         raise ValueError("--guidance W (a finite number >= 0) goes with --teacher-steps N")
+    if reference and steps is not None:
+        raise ValueError("--reference scores renders, not a model: drop --teacher-steps")
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = EVAL_PROMPTS[: args.limit] if args.limit else EVAL_PROMPTS
     jobs = [(p, s) for s in args.seeds for p in prompts]
-    rows = {}
+    rows, parts = {}, {}
     for ckpt in args.checkpoint or [str(engine.default_checkpoint())]:
         eng = engine.Engine.from_pretrained(ckpt, decoder=getattr(args, "decoder", "vae"))
         if args.device:
             eng.to(args.device)
-        if steps is None:
+        if reference:
+            videos = [vae_reference_video(eng, p, s) for p, s in jobs]
+        elif steps is None:
             videos = [eng.generate(p, seed=s).frames for p, s in jobs]
         else:
             videos = [teacher_video(eng, p, s, steps, eng.config.guidance_scale if w is None else w) for p, s in jobs]
-        rows[ckpt] = evaluate([p for p, _ in jobs], videos)
+        name = f"{ckpt} (renders via its VAE)" if reference else ckpt
+        rows[name] = evaluate([p for p, _ in jobs], videos)
+        parts[name] = {k: r for k, r in by_object_count([p for p, _ in jobs], rows[name]).items()
+                       if len(r["videos"]) < len(jobs)}
     print(f"{len(prompts)} prompts x seeds {args.seeds}")
-    print(format_table(rows))
+    print(format_table({key: r for k in rows for key, r in [(k, rows[k])] + [(f"{k}: {part}", x)
+                                                                          for part, x in parts[k].items()]}))
     if args.json:
-        out = {k: {**aggregates(r),
+        out = {k: {**aggregates(r), **{part: aggregates(x) for part, x in parts[k].items()},
                    "videos": [{**{m: v[m] for m in ("prompt", "color", "shape", "direction", "correct")},
                                "seed": s} for v, (_, s) in zip(r["videos"], jobs)]} for k, r in rows.items()}
         write_text(args.json, json.dumps(out, indent=2))

@@ -85,6 +85,7 @@ class ShapesConfig:
     fps: int = 16
     min_objects: int = 1
     max_objects: int = 2
+    objects_p: tuple[float, ...] | None = None   # P(min_objects), ..., P(max_objects) objects; None: uniform
     size_range: tuple[float, float] = (0.12, 0.17)       # half-extent r: 7.7 .. 10.9 px at 64 px
     speed_range: tuple[float, float] = (0.016, 0.024)    # px per frame / min side: 1.0 .. 1.5 px at 64 px
     free_frames: int | None = None     # None -> (num_frames - 1) // 2
@@ -101,6 +102,13 @@ class ShapesConfig:
         if not 1 <= self.min_objects <= self.max_objects <= len(COLORS):
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(COLORS)} (objects have distinct "
                              f"colours), got {self.min_objects}, {self.max_objects}")
+        if self.objects_p is not None:
+            self.objects_p = tuple(self.objects_p)
+            n = self.max_objects - self.min_objects + 1
+            if len(self.objects_p) != n or any(not 0 <= p <= 1 for p in self.objects_p) \
+                    or abs(sum(self.objects_p) - 1) > 1e-6:
+                raise ValueError(f"objects_p must be {n} probabilities (of {self.min_objects}..{self.max_objects} "
+                                 f"objects) in [0, 1] summing to 1, got {list(self.objects_p)}")
         if self.free_frames is None:
             self.free_frames = default_free_frames(self.num_frames)
         if not 1 <= self.free_frames < self.num_frames:
@@ -123,9 +131,11 @@ class ShapesConfig:
         if not self.switch_kinds or bad or len(set(self.switch_kinds)) != len(self.switch_kinds):
             raise ValueError(f"switch_kinds must be distinct kinds among {list(SWITCH_KINDS)} (at least one), got "
                              f"{list(self.switch_kinds)}")
-        if self.switch_prob > 0 and "object" in self.switch_kinds and self.min_objects >= self.max_objects:
-            raise ValueError(f"switch kind 'object' adds an object: it needs min_objects < max_objects, got "
-                             f"{self.min_objects}, {self.max_objects}")
+        if self.switch_prob > 0 and "object" in self.switch_kinds and (
+                self.min_objects >= self.max_objects or (self.objects_p is not None and not sum(self.objects_p[:-1]))):
+            raise ValueError(f"switch kind 'object' adds an object: it needs min_objects < max_objects and objects_p "
+                             f"> 0 below max_objects, got {self.min_objects}, {self.max_objects}, objects_p "
+                             f"{self.objects_p}")
         if self.switch_prob > 0 and not switch_blocks(self):
             n = next(n for n in range(5, 10_000, 4) if _switch_blocks(n, self.frames_per_block))
             raise ValueError(f"num_frames {self.num_frames} leaves no latent block to switch at (each side of a "
@@ -253,6 +263,17 @@ def free_until(timeline, cfg: "ShapesConfig") -> int:
     return s + default_free_frames(cfg.num_frames - s)
 
 
+def _num_objects(rng: np.random.Generator, cfg: "ShapesConfig", top: int) -> int:
+    """How many objects a random clip gets: min_objects..top, uniform or by cfg.objects_p (renormalised over that
+    range)."""
+    if cfg.objects_p is None:
+        return int(rng.integers(cfg.min_objects, top + 1))
+    p = np.asarray(cfg.objects_p[: top - cfg.min_objects + 1], dtype=np.float64)
+    if p.sum() <= 0:
+        raise ValueError(f"objects_p {list(cfg.objects_p)} gives no weight to {cfg.min_objects}..{top} objects")
+    return cfg.min_objects + int(rng.choice(len(p), p=p / p.sum()))
+
+
 def sample_switch_spec(rng_or_seed, cfg: "ShapesConfig", first: PromptSpec | str | None = None,
                        kind: str | None = None, block: int | None = None) -> SwitchSpec:
     """A random clip with one prompt switch; `first`, `kind`, `block` fix those parts (the rest random)."""
@@ -261,7 +282,7 @@ def sample_switch_spec(rng_or_seed, cfg: "ShapesConfig", first: PromptSpec | str
     if isinstance(first, str):
         first = parse_prompt(first, max_objects=None)
     if first is None:
-        n = int(rng.integers(cfg.min_objects, cfg.max_objects + (kind != "object")))
+        n = _num_objects(rng, cfg, cfg.max_objects - (kind == "object"))
         colors = rng.choice(list(COLORS), size=n, replace=False)
         first = PromptSpec(tuple((str(c), SHAPES[rng.integers(len(SHAPES))]) for c in colors),
                            DIRECTIONS[rng.integers(len(DIRECTIONS))])
@@ -411,7 +432,7 @@ def sample_spec(rng_or_seed, cfg: ShapesConfig, prompt: PromptSpec | str | None 
     if isinstance(prompt, str):
         prompt = parse_prompt(prompt, max_objects=None)
     if prompt is None:
-        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        n = _num_objects(rng, cfg, cfg.max_objects)
         colors = rng.choice(list(COLORS), size=n, replace=False)
         kinds = [(str(c), SHAPES[rng.integers(len(SHAPES))]) for c in colors]
         direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
