@@ -304,10 +304,13 @@ def test_presets_reproduce_the_recipe_settings():
         assert cfg.engine.schedule().timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])  # shift 3
         assert cfg.engine.prompt_grammar == "shapes" and cfg.train.cpu_threads == 1
     shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-sf" / "engine_config.json"
-    if shipped.is_file():  # the presets' engine settings are the shipped model's
+    if shipped.is_file():  # the presets' engine settings are the shipped model's, made by the switch-aware DMD
         import dataclasses
 
-        assert json.loads(shipped.read_text()) == dataclasses.asdict(ode.engine)
+        switch = load_config("shapes-dmd-switch")
+        assert json.loads(shipped.read_text()) == dataclasses.asdict(switch.engine)
+        assert dataclasses.asdict(ode.engine) == {**dataclasses.asdict(switch.engine), "local_attn_frames": None,
+                                                   "sink_frames": 0}  # only its window (the live default) differs
 
 
 # ---------------------------------------------------------------------------------------------- ODE regression
@@ -366,7 +369,8 @@ def test_ode_regression_per_sample_steps_and_clean_context():
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
-@pytest.mark.parametrize("preset, window", [("shapes-dmd", None), ("shapes-dmd-long", (12, 3))])
+@pytest.mark.parametrize("preset, window", [("shapes-dmd", None), ("shapes-dmd-long", (12, 3)),
+                                            ("shapes-dmd-switch", (9, 3))])
 def test_shipped_dmd_presets_run_from_a_clean_clone(tmp_path, preset, window):
     """The default model's DMD presets need nothing but the shipped student and teacher (issue 15, item 4): two
     updates at the shipped size (the first a generator update) write an engine directory whose generator moved

@@ -61,8 +61,11 @@ def test_shapes_vq_dmd_config_is_the_default_model_with_a_vq_head():
     assert cfg.engine.schedule().timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])  # shift 3
     assert cfg.engine.num_frame_per_block == 3 and cfg.train.batch_size == 8 and cfg.train.cpu_threads == 1
     shipped = ROOT / "checkpoints" / "shapes-sf" / "engine_config.json"
-    if shipped.is_file():  # the output engine directory samples exactly like the shipped one
-        assert json.loads(shipped.read_text()) == dataclasses.asdict(cfg.engine)
+    if shipped.is_file():  # the output engine directory samples a clip exactly like the shipped one (whose config
+        window = ("local_attn_frames", "sink_frames")  # also names the live default window, which Engine.live uses
+        ship = json.loads(shipped.read_text())        # when a config names none)
+        assert {k: v for k, v in ship.items() if k not in window} == \
+            {k: v for k, v in dataclasses.asdict(cfg.engine).items() if k not in window}
     # the head fits a 16-channel, patch-2 model: 64-d tokens quantized directly (no projection layers)
     from engine.training.vq import as_quantized
 
