@@ -224,16 +224,19 @@ def evaluate_video(prompt: str, frames: np.ndarray, free_frames: int | None = No
                 flicker=flicker(frames), extra_colors=extra, objects=objects)
 
 
-def evaluate(prompts: list[str], videos, free_frames: int | None = None, results: list[dict] | None = None) -> dict:
+def evaluate(prompts: list[str], videos, free_frames: int | None = None) -> dict:
     """Aggregate over videos: colour / shape / direction accuracy per prompted object, `correct` per video,
-    mean flicker; `videos` keeps the per-video results (`results`: `evaluate_video`'s, already computed)."""
+    mean flicker; `videos` keeps the per-video results."""
     videos = list(videos)
     if len(prompts) != len(videos):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} videos")
     if not prompts:
         raise ValueError("nothing to evaluate: no prompts")
-    if results is None:
-        results = [evaluate_video(p, v, free_frames) for p, v in zip(prompts, videos)]
+    return aggregate([evaluate_video(p, v, free_frames) for p, v in zip(prompts, videos)])
+
+
+def aggregate(results: list[dict]) -> dict:
+    """`evaluate`'s figures from per-video results (`evaluate_video`'s)."""
     out = dict(n=len(results))
     for name, key in (("color", "color_ok"), ("shape", "shape_ok"), ("direction", "direction_ok")):
         out[name], out[f"{name}_se"] = mean_and_se([[o[key] for o in r["objects"]] for r in results])
@@ -351,12 +354,9 @@ def vae_reference_video(eng, prompt: str, seed: int) -> np.ndarray:
 def by_object_count(prompts: list[str], res: dict) -> dict:
     """`res` (from `evaluate`) recomputed over the one-object and the two-object prompts apart:
     {"one object": ..., "two objects": ...} (the counts that occur)."""
-    out = {}
-    for n, name in ((1, "one object"), (2, "two objects")):
-        keep = [i for i, p in enumerate(prompts) if len(parse_prompt(p, max_objects=None).objects) == n]
-        if keep:
-            out[name] = evaluate([prompts[i] for i in keep], [None] * len(keep), results=[res["videos"][i] for i in keep])
-    return out
+    counts = [len(parse_prompt(p, max_objects=None).objects) for p in prompts]
+    return {name: aggregate([r for r, c in zip(res["videos"], counts) if c == n])
+            for n, name in ((1, "one object"), (2, "two objects")) if n in counts}
 
 
 def run(args) -> int:
@@ -408,8 +408,11 @@ def run(args) -> int:
         parts[name] = {k: r for k, r in by_object_count([p for p, _ in jobs], rows[name]).items()
                        if len(r["videos"]) < len(jobs)}
     print(f"{len(prompts)} prompts x seeds {args.seeds}")
-    print(format_table({key: r for k in rows for key, r in [(k, rows[k])] + [(f"{k}: {part}", x)
-                                                                          for part, x in parts[k].items()]}))
+    table = {}
+    for k, r in rows.items():  # each model's row, then its one- and two-object rows
+        table[k] = r
+        table.update({f"{k}: {part}": x for part, x in parts[k].items()})
+    print(format_table(table))
     if args.json:
         out = {k: {**aggregates(r), **{part: aggregates(x) for part, x in parts[k].items()},
                    "videos": [{**{m: v[m] for m in ("prompt", "color", "shape", "direction", "correct")},
