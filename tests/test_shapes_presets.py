@@ -414,3 +414,22 @@ def test_trainer_products_record_what_they_are(tmp_path):
 
         check_teacher(str(out / "critic"))
     check_teacher(str(CHECKPOINTS / "shapes-teacher"))  # the shipped teacher passes
+
+
+def test_rebuild_script_stages_resolve(tmp_path):
+    """scripts/rebuild-default-model.sh, the from-scratch rebuild: every training stage's command line resolves
+    against the presets (CHECK=1 runs each with --print-config, which refuses unknown keys and bad values), and an
+    unknown stage name is refused with the list of stages."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CHECK": "1"}
+    run = subprocess.run(["bash", str(root / "scripts/rebuild-default-model.sh"), str(tmp_path / "r")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for stage in ("vae1", "vae2", "vae3", "teacher1", "teacher2", "ode", "dmd", "fastdec", "switch", "vq"):
+        assert f"{stage}: config ok" in run.stdout
+    bad = subprocess.run(["bash", str(root / "scripts/rebuild-default-model.sh"), str(tmp_path / "r"), "vea1"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown stage vea1" in bad.stderr and "teacher2" in bad.stderr
