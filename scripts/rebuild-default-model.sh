@@ -16,10 +16,11 @@
 #             conditioning; the text encoder frozen): the chain's teacher
 #   ode       ODE bank (4096 teacher trajectories) + the causal student's ODE init               2 processes
 #   dmd       Self-Forcing DMD (+ 2 x regression on the bank) against the teacher                1 process  } side
-#   fastdec   fast streaming decoder distilled from the VAE decoder (on the ODE init's latents)  1 process  } by side
-#   switch    switch-aware DMD (30% switch prompts, KV re-cache): the shipped student            1 process
+#   switch    switch-aware DMD (30% switch prompts, KV re-cache): the shipped student            1 process  } by
+#   fastdec   fast streaming decoder distilled from the VAE decoder (on the ODE init's latents)  1 process  } side
 #   vq        the quantized variant (VQ head + DMD) from the shipped student                      1 process  } side
-#   eval      the evaluator on the student and the teacher (RUN_DIR/eval-*.json)                 1 process  } by side
+#   eval      the evaluator: short clips (student, ODE init, teacher), switches, 2-minute        1 process  } by side
+#             streams (RUN_DIR/eval-*/result.json and .log)
 #   ship      RUN_DIR/shapes-sf, RUN_DIR/shapes-teacher, RUN_DIR/shapes-sf-vq: engine directories
 #
 # Every stage has a fixed step count (what makes a run reproducible) and a wall-clock cap; running the script again
@@ -31,7 +32,7 @@ cd "${REPO:-$(dirname "$0")/..}"   # REPO: the repository root, when this file i
 R=${1:-runs/rebuild}
 shift || true
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(vae1 vae2 vae3 teacher1 teacher2 ode dmd+fastdec switch vq+eval ship)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(vae1 vae2 vae3 teacher1 teacher2 ode dmd+switch+fastdec vq+eval ship)
 mkdir -p "$R"
 export OMP_NUM_THREADS=1 PYTHONPATH=.
 DP=(torchrun --standalone --nproc_per_node 2 -m engine train)
@@ -93,7 +94,7 @@ dmd() {
 fastdec() {  # its own trainer (engine.training.fast_decoder): a run ends on its clock, not a step count
     if [ -e "$R/fastdec/DONE" ]; then echo "fastdec: done"; return; fi
     run fastdec "${ONE[@]}" fast-decoder --config fast-decoder --output-dir "$R/fastdec" --resume \
-        --checkpoint "$R/ode/generator" --encoded_clips 160 --generated_clips 160 --minutes 28 \
+        --checkpoint "$R/ode/generator" --encoded_clips 160 --generated_clips 160 --minutes 25 \
         && { [ "${CHECK:-0}" = 1 ] || { [ -e "$R/fastdec/fast_decoder" ] && touch "$R/fastdec/DONE"; }; }
 }
 switch() {
@@ -106,13 +107,18 @@ vq() {
         --models.base "$R/switch/generator" --models.generator "$R/switch/generator" \
         --models.teacher "$R/teacher2/teacher" --max-steps 2000 --minutes 25 && finished vq 2000
 }
-evaluate() {
-    if [ -e "$R/eval/DONE" ] || [ "${CHECK:-0}" = 1 ]; then echo "eval: done or CHECK"; return; fi
-    mkdir -p "$R/eval"
-    run eval python -m engine eval --checkpoint "$R/ode/generator" "$R/switch/generator" --json "$R/eval/student.json" \
-        && run eval python -m engine eval --checkpoint "$R/teacher2/teacher" --teacher-steps 32 --guidance 3 \
-            --json "$R/eval/teacher.json" \
-        && touch "$R/eval/DONE"
+evaluate() {  # the model card's figures: short clips (student, its ODE init, teacher), switches, 2-minute streams
+    [ "${CHECK:-0}" = 1 ] && { echo "eval: nothing to check"; return; }
+    local E=(python -m engine eval --threads 1) G="$R/switch/generator" name
+    for name in short teacher switches long; do mkdir -p "$R/eval-$name"; done
+    run eval-short "${E[@]}" --checkpoint "$R/ode/generator" "$G" --json "$R/eval-short/result.json" \
+        && touch "$R/eval-short/DONE"
+    run eval-teacher "${E[@]}" --checkpoint "$R/teacher2/teacher" --teacher-steps 32 --guidance 3 \
+        --json "$R/eval-teacher/result.json" && touch "$R/eval-teacher/DONE"
+    run eval-switches "${E[@]}" --checkpoint "$G" --long-seconds 60 --switch-every 10 --limit 8 \
+        --seeds 0 1 2 3 4 5 6 7 --json "$R/eval-switches/result.json" && touch "$R/eval-switches/DONE"
+    run eval-long "${E[@]}" --checkpoint "$G" --long-seconds 120 --limit 8 --seeds 0 1 2 3 \
+        --json "$R/eval-long/result.json" && touch "$R/eval-long/DONE"
 }
 ship() {
     [ "${CHECK:-0}" = 1 ] && return
@@ -126,7 +132,7 @@ for s in "${STAGES[@]}"; do
     case $s in
         vae1|vae2|vae3|teacher1|teacher2|ode|dmd|fastdec|switch|vq|ship) $s ;;
         eval) evaluate ;;
-        dmd+fastdec) dmd & a=$!; fastdec & b=$!; wait $a; wait $b ;;
+        dmd+switch+fastdec) { dmd && switch; } & a=$!; fastdec & b=$!; wait $a; wait $b ;;
         vq+eval) vq & a=$!; evaluate & b=$!; wait $a; wait $b ;;
         *) echo "unknown stage $s (vae1 vae2 vae3 teacher1 teacher2 ode dmd fastdec switch vq eval ship)" >&2; exit 2 ;;
     esac
