@@ -21,7 +21,9 @@
 #   vq        the quantized variant (VQ head + DMD) from the shipped student                      1 process  } side
 #   eval      the evaluator: short clips (student, ODE init, teacher), switches, 2-minute        1 process  } by side
 #             streams (RUN_DIR/eval-*/result.json and .log)
-#   ship      RUN_DIR/shapes-sf, RUN_DIR/shapes-teacher, RUN_DIR/shapes-sf-vq: engine directories
+#   ship      the VQ variant scored beside the student (RUN_DIR/eval-vq), then RUN_DIR/shapes-sf, RUN_DIR/shapes-teacher,
+#             RUN_DIR/shapes-sf-vq: engine directories with model cards (scripts/rebuild_card.py: each stage's
+#             command and time, the evaluations' tables)
 #
 # Every stage has a fixed step count (what makes a run reproducible) and a wall-clock cap; running the script again
 # resumes each unfinished stage from its newest checkpoint (an interrupted stage loses at most one checkpoint
@@ -48,6 +50,7 @@ run() {  # run STAGE COMMAND...: the stage's log is RUN_DIR/STAGE.log; a finishe
     fi
     echo "$stage: $(date -u +%H:%M:%S) start"
     local t0=$SECONDS
+    echo "+ $*" >>"$R/$stage.log"
     "$@" >>"$R/$stage.log" 2>&1 || { echo "$stage: failed, see $R/$stage.log" >&2; return 1; }
     echo "$stage: $(date -u +%H:%M:%S) end, $(( (SECONDS - t0) / 60 )) min" | tee -a "$R/times.txt"
 }
@@ -120,12 +123,19 @@ evaluate() {  # the model card's figures: short clips (student, its ODE init, te
     run eval-long "${E[@]}" --checkpoint "$G" --long-seconds 120 --limit 8 --seeds 0 1 2 3 \
         --json "$R/eval-long/result.json" && touch "$R/eval-long/DONE"
 }
-ship() {
+ship() {  # the quantized variant scored beside the student, then the three engine directories with their cards
     [ "${CHECK:-0}" = 1 ] && return
-    python -m engine ship "$R/switch/generator" --out "$R/shapes-sf" --force
+    mkdir -p "$R/eval-vq"
+    run eval-vq python -m engine eval --threads 1 --checkpoint "$R/switch/generator" "$R/vq/generator" \
+        --json "$R/eval-vq/result.json" && touch "$R/eval-vq/DONE"
+    local kind out src
+    for kind in student teacher vq; do
+        case $kind in student) out=shapes-sf src=switch/generator ;; teacher) out=shapes-teacher src=teacher2/teacher ;;
+                      vq) out=shapes-sf-vq src=vq/generator ;; esac
+        python scripts/rebuild_card.py "$R" $kind "$R/$out.md"
+        python -m engine ship "$R/$src" --out "$R/$out" --card "$R/$out.md" --force
+    done
     cp -r "$R/fastdec/fast_decoder" "$R/shapes-sf/"
-    python -m engine ship "$R/teacher2/teacher" --out "$R/shapes-teacher" --force
-    python -m engine ship "$R/vq/generator" --out "$R/shapes-sf-vq" --force
 }
 
 for s in "${STAGES[@]}"; do

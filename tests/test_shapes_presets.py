@@ -433,3 +433,30 @@ def test_rebuild_script_stages_resolve(tmp_path):
     bad = subprocess.run(["bash", str(root / "scripts/rebuild-default-model.sh"), str(tmp_path / "r"), "vea1"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown stage vea1" in bad.stderr and "teacher2" in bad.stderr
+
+
+def test_rebuild_card_reports_the_run(tmp_path):
+    """scripts/rebuild_card.py writes a card from what the run directory recorded: each stage's command (the
+    '+ ' line run() writes) and summed time, and the evaluations' tables without progress lines."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rebuild_card", Path(__file__).parents[1] / "scripts/rebuild_card.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = tmp_path / "run"
+    r.mkdir()
+    (r / "times.txt").write_text("vq: 10:00:00 end, 7 min\nvq: 11:00:00 end, 5 min\nswitch: 09:00:00 end, 11 min\n")
+    (r / "vq.log").write_text("+ python -m engine train vq-dmd --config configs/shapes-vq-dmd.yaml\ntrain: 1%\r"
+                              "train: 100%\n")
+    (r / "switch.log").write_text("train: done\n")  # a log from before run() recorded commands
+    (r / "eval-vq.log").write_text("+ python -m engine eval --checkpoint a b\n[long-eval] seed 0\n"
+                                   "| model | videos | colour |\n|---|---:|---:|\n| b | 128 | 88.1% ± 2.5 |\n")
+    text = mod.card(r, "vq")
+    assert "| vq | `python -m engine train vq-dmd --config configs/shapes-vq-dmd.yaml` | 12 min |" in text
+    assert "| switch | the script's switch stage | 11 min |" in text
+    assert "| ode | `(not run)` |  |" in text
+    assert "`python -m engine eval --checkpoint a b`\n\n| model | videos | colour |" in text
+    assert "| b | 128 | 88.1% ± 2.5 |" in text and "[long-eval]" not in text
+    assert "(23 min for the stages below" in text
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "missing"), "vq", str(tmp_path / "c.md")])
