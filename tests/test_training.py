@@ -7,6 +7,7 @@ by per-operation overhead). The 2-process test lives in test_training_dist.py.
 from __future__ import annotations
 
 import json
+import os
 import types
 from pathlib import Path
 
@@ -625,3 +626,23 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay_by_step_alone():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises after the warm-up
     with pytest.raises(ValueError, match="schedule"):
         from_dict(Config, {"optim": {"schedule": "linear"}}).validate()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, mask):
+    """Results, cards and shipped directories are readable by whoever a plain open() / mkdir() would let read them
+    (mkstemp / mkdtemp alone make them private to their writer)."""
+    from engine.atomic import atomic_directory, write_text
+
+    old = os.umask(mask)
+    try:
+        write_text(tmp_path / "card.md", "x")
+        atomic_directory(tmp_path / "model", lambda d: (d / "w.txt").write_text("y"))
+        (tmp_path / "plain.md").write_text("x")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("card.md") == mode("plain.md") == 0o666 & ~mask
+    assert mode("model") == mode("plain") == 0o777 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.md", "model", "plain", "plain.md"]
