@@ -1,5 +1,6 @@
 """Does a VAE keep colours on long clips? Encode and decode procedural shapes streams longer than its training
-windows and score each 33-frame window with the shapes evaluator (colour, shape) and PSNR against the render.
+windows and score each 33-frame window with the shapes evaluator (colour, shape, bounce-aware direction: the long
+evaluation's, which counts motion along the prompted axes with any wall reflection) and PSNR against the render.
 
     python benchmarks/bench_vae_long.py checkpoints/shapes-sf runs/shapes-vae-long/base [--frames 133] [--limit 18]
 
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.data.evaluate import EVAL_PROMPTS, evaluate_video  # noqa: E402
-from engine.data.long_eval import reference_stream  # noqa: E402
+from engine.data.long_eval import reference_stream, score_stream  # noqa: E402
 from engine.io import quiet_loaders, to_uint8  # noqa: E402
 
 WINDOW = 33
@@ -42,10 +43,11 @@ def roundtrip(vae, frames: np.ndarray) -> np.ndarray:
     return to_uint8((out[0].permute(1, 2, 3, 0) + 1) / 2)
 
 
-def score(prompt: str, frames: np.ndarray, render: np.ndarray) -> list[tuple[float, float, float]]:
-    """(colour, shape, PSNR) of each whole 33-frame window."""
-    return [(r["color"], r["shape"], psnr(frames[a:a + WINDOW], render[a:a + WINDOW]))
-            for a in range(0, len(frames) - WINDOW + 1, WINDOW)
+def score(prompt: str, frames: np.ndarray, render: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """(colour, shape, bounce-aware direction, PSNR) of each whole 33-frame window."""
+    motion = [w["motion"] for w in score_stream(frames, [(0, prompt)], window=WINDOW)["windows"]]
+    return [(r["color"], r["shape"], motion[i], psnr(frames[a:a + WINDOW], render[a:a + WINDOW]))
+            for i, a in enumerate(range(0, len(frames) - WINDOW + 1, WINDOW))
             for r in [evaluate_video(prompt, frames[a:a + WINDOW])]]
 
 
@@ -82,13 +84,14 @@ def main(argv=None) -> int:
                 rows[src].append(score(p, roundtrip(vae, render), render))
     n_win = (a.frames - WINDOW) // WINDOW + 1
     print(f"{len(prompts)} one-object prompts x seeds {a.seeds}; {a.frames}-frame streams, {n_win} windows of "
-          f"{WINDOW} frames; colour / shape: the evaluator's fraction correct; PSNR against the render (dB)\n")
-    print("| source | " + " | ".join(f"window {w} colour / shape / PSNR" for w in range(n_win)) + " |")
+          f"{WINDOW} frames; colour / shape / direction (bounce-aware): the evaluators' fraction correct; PSNR "
+          "against the render (dB)\n")
+    print("| source | " + " | ".join(f"window {w} colour / shape / direction / PSNR" for w in range(n_win)) + " |")
     print("|---|" + "---:|" * n_win)
     for src, streams in rows.items():
-        s = np.array(streams)  # (streams, windows, 3)
-        cells = [f"{100 * s[:, w, 0].mean():.1f} / {100 * s[:, w, 1].mean():.1f} / "
-                 + ("-" if src == "render" else f"{s[:, w, 2].mean():.1f}") for w in range(n_win)]
+        s = np.array(streams)  # (streams, windows, 4)
+        cells = [f"{100 * s[:, w, 0].mean():.1f} / {100 * s[:, w, 1].mean():.1f} / {100 * s[:, w, 2].mean():.1f} / "
+                 + ("-" if src == "render" else f"{s[:, w, 3].mean():.1f}") for w in range(n_win)]
         print(f"| {src} | " + " | ".join(cells) + " |")
     return 0
 
