@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.data.evaluate import EVAL_PROMPTS, evaluate_video  # noqa: E402
+from engine.data.evaluate import EVAL_PROMPTS  # noqa: E402
 from engine.data.long_eval import reference_stream, score_stream  # noqa: E402
 from engine.io import quiet_loaders, to_uint8  # noqa: E402
 
@@ -45,10 +45,9 @@ def roundtrip(vae, frames: np.ndarray) -> np.ndarray:
 
 def score(prompt: str, frames: np.ndarray, render: np.ndarray) -> list[tuple[float, float, float, float]]:
     """(colour, shape, bounce-aware direction, PSNR) of each whole 33-frame window."""
-    motion = [w["motion"] for w in score_stream(frames, [(0, prompt)], window=WINDOW)["windows"]]
-    return [(r["color"], r["shape"], motion[i], psnr(frames[a:a + WINDOW], render[a:a + WINDOW]))
-            for i, a in enumerate(range(0, len(frames) - WINDOW + 1, WINDOW))
-            for r in [evaluate_video(prompt, frames[a:a + WINDOW])]]
+    windows = score_stream(frames, [(0, prompt)], window=WINDOW)["windows"]  # judged as evaluate_video judges
+    return [(w["color"], w["shape"], w["motion"], psnr(frames[a:a + WINDOW], render[a:a + WINDOW]))
+            for w, a in zip(windows, range(0, len(frames) - WINDOW + 1, WINDOW))]
 
 
 def main(argv=None) -> int:
