@@ -25,6 +25,8 @@ from engine.training.config import VAEConfig, load_config
 from engine.training.trainer import param_checksums
 from engine.training.vae import colour_target
 
+ROOT = Path(__file__).resolve().parents[1]
+
 SMALL = ["--engine.height", "32", "--engine.width", "32", "--engine.num_frames", "9",  # one block of 3 latent frames
          "--train.tensorboard", "false", "--train.save_every", "1", "--max-steps", "2"]
 TINY_VAE = SMALL + ["--models.init", "null", "--vae.base_dim", "4", "--vae.decoder_base_dim", "4",
@@ -224,6 +226,40 @@ def test_ode_init_bank_then_eval_and_ship(chain, tmp_path, capsys):
     assert engine_main(["ship", str(gen), "--out", str(out)]) == 2  # exists: --force to replace
     assert engine_main(["ship", str(gen), "--out", str(out), "--force"]) == 0
     assert engine_main(["eval", "--checkpoint", str(gen), "--guidance", "2"]) == 2  # --guidance needs --teacher-steps
+
+def test_bench_ode_bank_scores_the_bank_against_its_captions(chain, tmp_path, capsys):
+    """benchmarks/bench_ode_bank.py: the captions rebuilt from the run's config are the ones the bank was encoded
+    from (checked), every trajectory is decoded and scored; a bank whose embeddings do not match is refused."""
+    import importlib.util
+    import shutil
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("bench_ode_bank", ROOT / "benchmarks" / "bench_ode_bank.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = chain["root"] / "ode"
+    parts = bench.score_bank(run, limit=10)
+    assert parts["all"]["n"] == 4  # all 4 trajectories of the tiny bank
+    captions, _ = bench.bank_captions(run, 4)
+    assert sum(parts[k]["n"] for k in parts if k != "all") == 4
+    assert [v["prompt"] for v in parts["all"]["videos"]] == captions
+    assert bench.main([str(run), "--limit", "4"]) == 0
+    assert f"| {run} | all | 4 |" in capsys.readouterr().out
+    # another run's embeddings in trajectory 0: refused, naming the trajectory and the caption
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad, symlinks=True)
+    f = bad / "trajectories" / "traj-0000000.safetensors"
+    t = load_file(f)
+    save_file({**t, "prompt_embeds": t["prompt_embeds"] + 1.0}, f)
+    with pytest.raises(ValueError, match="trajectory 0: its prompt embeddings are not those of"):
+        bench.score_bank(bad, limit=4)
+    for args, message in ((["--limit", "1", str(run)], "--limit must be >= 2"),
+                          ([str(tmp_path)], "is not an ode-init run directory")):
+        with pytest.raises(SystemExit):
+            bench.main(args)
+        assert message in capsys.readouterr().err
+
 
 
 # ------------------------------------------------------------------------------------------------ resume, errors
