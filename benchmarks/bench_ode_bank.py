@@ -41,11 +41,11 @@ def bank_captions(run: Path, n: int):
 @torch.no_grad()
 def score_bank(run: Path, limit: int) -> dict:
     from diffusers import AutoencoderKLWan
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from engine.sampling.codec import decode_full
     from engine.training.data import PromptEncoder
+    from engine.training.ode import TrajectoryBank
 
     bank = run / "trajectories"
     if not (run / "config.yaml").is_file() or not (bank / "bank.json").is_file():
@@ -59,13 +59,13 @@ def score_bank(run: Path, limit: int) -> dict:
         vae = AutoencoderKLWan.from_pretrained(teacher / "vae").eval()
         enc = PromptEncoder(UMT5EncoderModel.from_pretrained(teacher / "text_encoder").eval(),
                             AutoTokenizer.from_pretrained(teacher / "tokenizer"), cfg.engine.text_max_length, "cpu")
-    videos = []
+    trajectories, videos = TrajectoryBank(bank, n), []
     for i, cap in enumerate(captions):
-        t = load_file(bank / f"traj-{i:07d}.safetensors")
-        if not torch.allclose(enc([cap])[0], t["prompt_embeds"].float(), atol=1e-5):
+        t = trajectories.get(i, need_latents=False)
+        if not torch.allclose(enc([cap])[0], t["prompt_embeds"], atol=1e-5):
             raise ValueError(f"trajectory {i}: its prompt embeddings are not those of {cap!r} (the caption this "
                              f"run's config draws for it); was {bank} made by another config?")
-        video = decode_full(vae, t["x0"][None].float())[0]  # (3, T, H, W) in [-1, 1]
+        video = decode_full(vae, t["x0"][None])[0]  # (3, T, H, W) in [-1, 1]
         videos.append(to_uint8((video.permute(1, 2, 3, 0) + 1) / 2))
     res = evaluate(captions, videos)
     return {"all": res, **by_object_count(captions, res)}

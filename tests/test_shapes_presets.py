@@ -227,6 +227,7 @@ def test_ode_init_bank_then_eval_and_ship(chain, tmp_path, capsys):
     assert engine_main(["ship", str(gen), "--out", str(out), "--force"]) == 0
     assert engine_main(["eval", "--checkpoint", str(gen), "--guidance", "2"]) == 2  # --guidance needs --teacher-steps
 
+
 def test_bench_ode_bank_scores_the_bank_against_its_captions(chain, tmp_path, capsys):
     """benchmarks/bench_ode_bank.py: the captions rebuilt from the run's config are the ones the bank was encoded
     from (checked), every trajectory is decoded and scored; a bank whose embeddings do not match is refused."""
@@ -259,7 +260,6 @@ def test_bench_ode_bank_scores_the_bank_against_its_captions(chain, tmp_path, ca
         with pytest.raises(SystemExit):
             bench.main(args)
         assert message in capsys.readouterr().err
-
 
 
 # ------------------------------------------------------------------------------------------------ resume, errors
