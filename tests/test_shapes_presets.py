@@ -228,17 +228,40 @@ def test_ode_init_bank_then_eval_and_ship(chain, tmp_path, capsys):
     assert engine_main(["eval", "--checkpoint", str(gen), "--guidance", "2"]) == 2  # --guidance needs --teacher-steps
 
 
-def test_bench_ode_bank_scores_the_bank_against_its_captions(chain, tmp_path, capsys):
-    """benchmarks/bench_ode_bank.py: the captions rebuilt from the run's config are the ones the bank was encoded
-    from (checked), every trajectory is decoded and scored; a bank whose embeddings do not match is refused."""
+def load_bench(name: str):
+    """A script of benchmarks/ as a module."""
     import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def tampered_bank(run: Path, dest: Path, index: int, key: str, shift: float) -> Path:
+    """A copy of ode-init run `run` whose trajectory `index` has `shift` added to its tensor `key`."""
     import shutil
 
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("bench_ode_bank", ROOT / "benchmarks" / "bench_ode_bank.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    shutil.copytree(run, dest, symlinks=True)
+    f = dest / "trajectories" / f"traj-{index:07d}.safetensors"
+    t = load_file(f)
+    save_file({**t, key: t[key] + shift}, f)
+    return dest
+
+
+def assert_usage_errors(bench, cases, capsys) -> None:
+    for args, message in cases:
+        with pytest.raises(SystemExit):
+            bench.main(args)
+        assert message in capsys.readouterr().err
+
+
+def test_bench_ode_bank_scores_the_bank_against_its_captions(chain, tmp_path, capsys):
+    """benchmarks/bench_ode_bank.py: the captions rebuilt from the run's config are the ones the bank was encoded
+    from (checked), every trajectory is decoded and scored; a bank whose embeddings do not match is refused."""
+    bench = load_bench("bench_ode_bank")
     run = chain["root"] / "ode"
     parts = bench.score_bank(run, limit=10)
     assert parts["all"]["n"] == 4  # all 4 trajectories of the tiny bank
@@ -248,18 +271,44 @@ def test_bench_ode_bank_scores_the_bank_against_its_captions(chain, tmp_path, ca
     assert bench.main([str(run), "--limit", "4"]) == 0
     assert f"| {run} | all | 4 |" in capsys.readouterr().out
     # another run's embeddings in trajectory 0: refused, naming the trajectory and the caption
-    bad = tmp_path / "bad"
-    shutil.copytree(run, bad, symlinks=True)
-    f = bad / "trajectories" / "traj-0000000.safetensors"
-    t = load_file(f)
-    save_file({**t, "prompt_embeds": t["prompt_embeds"] + 1.0}, f)
+    bad = tampered_bank(run, tmp_path / "bad", 0, "prompt_embeds", 1.0)
     with pytest.raises(ValueError, match="trajectory 0: its prompt embeddings are not those of"):
         bench.score_bank(bad, limit=4)
-    for args, message in ((["--limit", "1", str(run)], "--limit must be >= 2"),
-                          ([str(tmp_path)], "is not an ode-init run directory")):
-        with pytest.raises(SystemExit):
-            bench.main(args)
-        assert message in capsys.readouterr().err
+    assert_usage_errors(bench, ((["--limit", "1", str(run)], "--limit must be >= 2"),
+                                ([str(tmp_path)], "is not an ode-init run directory")), capsys)
+
+
+def test_bench_ode_causality_floor_and_the_stage_loss(chain, tmp_path, capsys):
+    """benchmarks/bench_ode_causality.py: its init loss on the bank's own noise is the ode-init stage's block-0 loss
+    at t = 1000 (ode_regression on the same trajectories); the floor is a variance (>= 0, finite); a bank that the
+    teacher does not reproduce is refused; bad arguments are named."""
+    from engine.training.ode import TrajectoryBank, ode_regression
+    from engine.training.stages import load_transformer
+
+    bench = load_bench("bench_ode_causality")
+    run = chain["root"] / "ode"
+    r = bench.measure(run, limit=4, variants=3, batch=3)  # two batches: 3 + 1 trajectories
+    assert r["n"] == 4 and r["check"] < 1e-3
+    assert all(np.isfinite(r[k]) for k in ("floor", "init", "init_on_bank", "teacher_as_student", "bank_spread"))
+    assert r["floor"] >= 0
+    # the stage's own loss, the exit step forced to t = 1000 (a one-step schedule, the states' first entry)
+    bank = TrajectoryBank(run / "trajectories", 4)
+    items = [bank.get(i, need_latents=False) for i in range(4)]
+    data = {"states": torch.stack([t["states"][:1] for t in items]), "x0": torch.stack([t["x0"] for t in items]),
+            "prompt_embeds": torch.stack([t["prompt_embeds"] for t in items])}
+    gen = load_transformer(str(run / "generator"), "models.generator").eval()
+    with torch.no_grad():
+        _, per_block = ode_regression(gen, data, torch.arange(4), FewStepSchedule((1000.0,), 0.0, 1000), 3,
+                                      torch.Generator().manual_seed(0))
+    assert r["init_on_bank"] == pytest.approx(float(per_block[0]), rel=1e-4)
+    assert bench.main([str(run), "--limit", "2", "--variants", "2"]) == 0
+    assert f"| {run} | 2 |" in capsys.readouterr().out
+    bad = tampered_bank(run, tmp_path / "bad", 1, "x0", 0.5)
+    with pytest.raises(ValueError, match="re-solving the bank's own noise differs from its x0"):
+        bench.measure(bad, limit=2, variants=2, batch=2)
+    assert_usage_errors(bench, ((["--variants", "1", str(run)], "--variants must be >= 2"),
+                                (["--limit", "0", str(run)], "--limit must be >= 1"),
+                                ([str(tmp_path)], "is not a finished ode-init run directory")), capsys)
 
 
 # ------------------------------------------------------------------------------------------------ resume, errors

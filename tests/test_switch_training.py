@@ -84,3 +84,28 @@ def test_teacher_trains_on_timeline_clips_with_caption_dropout_per_clip(tmp_path
 def test_frames_per_block_comes_from_the_engine(tmp_path):
     with pytest.raises(ValueError, match=r"must not set \['frames_per_block'\].*num_frame_per_block"):
         _teacher(tmp_path, **{"data.shapes": {"frames_per_block": 2}})
+
+
+def test_teacher_causal_fraction_trains_steps_under_the_block_causal_mask(tmp_path):
+    """flow_matching.causal_fraction: that share of steps calls the transformer with the engine's block size (its
+    block-causal mask), the others bidirectionally; the step's choice is logged; out of range is refused."""
+    seen = []
+
+    def run(p, steps):
+        cfg, st = _teacher(tmp_path / str(p), **{"flow_matching.causal_fraction": p})
+        net = st.nets["teacher"]
+        forward = net.forward
+        net.forward = lambda x, t, emb, **kw: (seen.append(kw), forward(x, t, emb, **kw))[1]
+        batch = st.data.batch(0)
+        logs = [st.loss(batch, StepRandom(0, 1, "teacher", s, 0))[1]["causal"] for s in range(steps)]
+        return cfg, logs
+
+    cfg, logs = run(1.0, 2)
+    assert logs == [1.0, 1.0] and seen == [{"num_frame_per_block": cfg.engine.num_frame_per_block}] * 2
+    seen.clear()
+    assert run(0.0, 2)[1] == [0.0, 0.0] and seen == [{}, {}]
+    seen.clear()
+    _, logs = run(0.5, 40)
+    assert 10 <= sum(logs) <= 30 and [bool(k) for k in seen] == [bool(c) for c in logs]
+    with pytest.raises(ValueError, match=r"flow_matching.causal_fraction.*in \[0, 1\]"):
+        _teacher(tmp_path / "bad", **{"flow_matching.causal_fraction": 1.5})

@@ -344,6 +344,30 @@ def test_ode_init_from_a_prompt_file_with_a_trajectory_bank(dirs, tmp_path):
         train(tiny("ode-init", dirs, **{**over, "ode.num_steps": 5}), tmp_path / "run", resume=True)
 
 
+def test_ode_causal_teacher_makes_each_blocks_x0_independent_of_later_noise(dirs, tmp_path):
+    """ode.causal_teacher: the teacher's ODE under the block-causal mask, so block 0's x0 (and its kept states) do
+    not change when only the later frames' noise does; bidirectionally they do. The bank records the option."""
+    over = {"models.base": str(dirs / "teacher")}
+    runs = {}
+    for causal in (False, True):
+        st = build_stage(tiny("ode-init", dirs, **over, **{"ode.causal_teacher": causal}), tmp_path / str(causal))
+        cond = st.data.batch(0).prompt_embeds[:1]
+        z = torch.randn((1, *st.shape), generator=torch.Generator().manual_seed(0))
+        z2 = z.clone()
+        z2[:, :, st.block:] = torch.randn(z2[:, :, st.block:].shape, generator=torch.Generator().manual_seed(1))
+        runs[causal] = [st._trajectories(cond, zz) for zz in (z, z2)]
+    (s1, x1), (s2, x2) = runs[True]
+    b = slice(0, st.block)
+    assert torch.allclose(x1[:, :, b], x2[:, :, b], atol=1e-5)
+    assert torch.allclose(s1[:, :, :, b], s2[:, :, :, b], atol=1e-5)
+    assert not torch.allclose(x1[:, :, st.block:], x2[:, :, st.block:], atol=1e-3)
+    (_, y1), (_, y2) = runs[False]
+    assert not torch.allclose(y1[:, :, b], y2[:, :, b], atol=1e-3)
+    train(tiny("ode-init", dirs, **over, **{"ode.causal_teacher": True, "ode.num_trajectories": 2,
+                                            "train.max_steps": 1}), tmp_path / "bank")
+    assert json.loads((tmp_path / "bank" / "trajectories" / "bank.json").read_text())["causal_teacher"] is True
+
+
 def test_ode_init_loss_is_the_block_loop_regression_with_clean_context(dirs, tmp_path):
     """The stage's default loss is `ode_regression` (the recipe's ODE init, clean KV-cache context) on the same
     batch and random stream; `ode.context: noisy` is the one-call block-causal form, a different number."""

@@ -170,9 +170,13 @@ class FlowMatchingConfig:
         EMA: one module), from the batch's captions; saved as text_encoder/ of the teacher's engine directory
         (EMA weights in teacher/, raw in teacher_raw/), which ode-init and dmd then read as their base (frozen).
         Needs one caption per clip: data.source shapes (without prompt switches) or latents with captions.
+    causal_fraction: the share of steps (drawn per step and process) whose whole batch is denoised under the
+        block-causal mask of engine.num_frame_per_block (each block sees itself and the earlier ones), the rest
+        bidirectionally: a teacher that can also make trajectories block by block, nearer the causal student.
     """
 
     caption_dropout: float = 0.1
+    causal_fraction: float = 0.0
     min_frac: float = 0.0
     max_frac: float = 1.0
     guidance_scale: float = 4.0
@@ -192,12 +196,16 @@ class ODEConfig:
         the trajectory's state at a random few-step timestep (per sample), with the earlier blocks' clean x0 of
         the trajectory in the KV cache, as inference fills it. noisy: one call over the whole clip under the
         block-causal mask, every block at its own noisy state (Self-Forcing's original ODE init).
+    causal_teacher: solve the teacher's ODE under the block-causal mask of engine.num_frame_per_block, so that each
+        block's x0 depends on its own and the earlier blocks' noise only (the floor of benchmarks/
+        bench_ode_causality.py is then 0). Needs a teacher trained for it (flow_matching.causal_fraction > 0).
     """
 
     num_steps: int = 48
     guidance_scale: float = 4.0
     num_trajectories: int = 0
     context: str = "clean"
+    causal_teacher: bool = False
 
 
 @dataclass
@@ -361,6 +369,7 @@ class Config:
             _check(0 <= o.min_lr_ratio <= 1, f"{name}.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
         fm = self.flow_matching
         _check(0 <= fm.caption_dropout <= 1, "flow_matching.caption_dropout", fm.caption_dropout, "in [0, 1]")
+        _check(0 <= fm.causal_fraction <= 1, "flow_matching.causal_fraction", fm.causal_fraction, "in [0, 1]")
         _check(0 <= fm.min_frac < fm.max_frac <= 1, "flow_matching.min_frac/max_frac", (fm.min_frac, fm.max_frac),
                "0 <= min_frac < max_frac <= 1")
         _check(fm.sample_steps >= 1, "flow_matching.sample_steps", fm.sample_steps, ">= 1")

@@ -486,12 +486,13 @@ class TeacherWithText(torch.nn.Module):
         self.text_encoder.eval()
         return self
 
-    def forward(self, x_t, t, input_ids, attention_mask, keep):
-        """x_t (B, C, F, h, w); input_ids, attention_mask (B, L); keep (B,): 0 = caption dropped (zero embedding)."""
+    def forward(self, x_t, t, input_ids, attention_mask, keep, **kwargs):
+        """x_t (B, C, F, h, w); input_ids, attention_mask (B, L); keep (B,): 0 = caption dropped (zero embedding);
+        kwargs go to the transformer (num_frame_per_block)."""
         hidden = self.text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
         emb = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)  # encode_prompts: padding zeroed
         emb = torch.where(keep[:, None, None] > 0, emb, torch.zeros_like(emb))
-        return self.transformer(x_t, t, emb)
+        return self.transformer(x_t, t, emb, **kwargs)
 
     def blank_copy(self) -> "TeacherWithText":
         """A module of the same architecture (the checkpointer fills it with the trained or EMA weights)."""
@@ -554,9 +555,18 @@ class TeacherStage(Stage):
         drop = torch.rand(emb.shape[0], generator=rnd.local("caption_dropout")) < self.cfg.flow_matching.caption_dropout
         emb[drop] = 0.0  # per clip, its whole timeline: the empty prompt, CFG's uncond when negative_prompt is ""
         emb = emb.to(self.rt.device)
-        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb).sample, generator=rnd.local("fm"))
+        mask = self._attention(rnd)
+        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb, **mask).sample, generator=rnd.local("fm"))
         logs["caption_dropout"] = drop.float().mean().item()
-        return loss, logs
+        return loss, {**logs, "causal": float(bool(mask))}
+
+    def _attention(self, rnd: StepRandom) -> dict:
+        """flow_matching.causal_fraction: this step's batch under the block-causal mask ({num_frame_per_block})
+        or bidirectional ({})."""
+        p = self.cfg.flow_matching.causal_fraction
+        if p > 0 and torch.rand((), generator=rnd.local("causal")) < p:
+            return {"num_frame_per_block": self.cfg.engine.num_frame_per_block}
+        return {}
 
     def _loss_with_text_encoder(self, net, x, batch: Batch, rnd: StepRandom):
         """The same loss and random streams, the prompt embeddings computed by the trained encoder from the
@@ -569,9 +579,11 @@ class TeacherStage(Stage):
                                      return_tensors="pt")
         drop = torch.rand(x.shape[0], generator=rnd.local("caption_dropout")) < self.cfg.flow_matching.caption_dropout
         ids, mask, keep = (v.to(self.rt.device) for v in (tok.input_ids, tok.attention_mask, (~drop).float()))
-        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, ids, mask, keep).sample, generator=rnd.local("fm"))
+        attn = self._attention(rnd)
+        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, ids, mask, keep, **attn).sample,
+                                  generator=rnd.local("fm"))
         logs["caption_dropout"] = drop.float().mean().item()
-        return loss, logs
+        return loss, {**logs, "causal": float(bool(attn))}
 
     def engine_settings(self, name: str) -> dict:
         return {**super().engine_settings(name), "guidance_scale": self.cfg.flow_matching.guidance_scale}
@@ -626,6 +638,17 @@ def _copy(model: CausalWanTransformer3DModel) -> CausalWanTransformer3DModel:
     return new
 
 
+class BlockCausal(torch.nn.Module):
+    """A transformer called on whole clips under its block-causal mask (`num_frame_per_block`): ode.causal_teacher."""
+
+    def __init__(self, model: CausalWanTransformer3DModel, block: int):
+        super().__init__()
+        self.model, self.block = model, block
+
+    def forward(self, x, t, emb):
+        return self.model(x, t, emb, num_frame_per_block=self.block)
+
+
 class ODEInitStage(_GeneratorStage):
     """Causal initialisation: regress the generator's x0 prediction from teacher ODE states onto the ODE's end.
 
@@ -655,7 +678,8 @@ class ODEInitStage(_GeneratorStage):
 
     def _trajectories(self, cond: torch.Tensor, z: torch.Tensor):
         uncond = self.uncond_embedding(cond)
-        return ode_solve(self.teacher, z, cond, uncond, self.cfg.ode.guidance_scale, self.grid,
+        teacher = BlockCausal(self.teacher, self.block) if self.cfg.ode.causal_teacher else self.teacher
+        return ode_solve(teacher, z, cond, uncond, self.cfg.ode.guidance_scale, self.grid,
                          keep=self.schedule.timesteps, num_train_timesteps=self.flow.num_train_timesteps)
 
     def _build_bank(self) -> TrajectoryBank:
@@ -667,6 +691,8 @@ class ODEInitStage(_GeneratorStage):
                 "guidance_scale": cfg.ode.guidance_scale, "timesteps": list(self.schedule.timesteps),
                 "latent_shape": list(self.shape), "seed": cfg.train.seed, "data": dataclasses.asdict(cfg.data),
                 "negative_prompt": cfg.engine.negative_prompt}
+        if cfg.ode.causal_teacher:  # only when set: banks made before the option keep their description
+            desc["causal_teacher"] = True
         if rt.is_main:
             bank.check_description(desc, is_main=True)
         rt.barrier()
