@@ -13,6 +13,7 @@ can predict, the floor of the ODE init's block-0 loss at t = 1000 (next to the v
 the bank's trajectories: prompts and noise both vary). Beside it, that loss on the same fresh noise for
 the run's generator (the init) and for the teacher's weights run as the causal student (the init's starting
 point), and the init's loss on the bank's own trajectories (its training data: below the floor means memorised).
+A bank made with `ode.causal_teacher` is re-solved the same way (its floor is 0 by construction).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def measure(run: Path, limit: int, variants: int, batch: int) -> dict:
     from engine.training.config import load_config
     from engine.training.data import seeded
     from engine.training.ode import TrajectoryBank, ode_grid, ode_solve
-    from engine.training.stages import load_transformer
+    from engine.training.stages import BlockCausal, load_transformer
 
     bank_dir = run / "trajectories"
     needed = (run / "config.yaml", bank_dir / "bank.json", run / "generator")
@@ -79,7 +80,8 @@ def measure(run: Path, limit: int, variants: int, batch: int) -> dict:
         zs[:, :, :, :fpb] = zs[:, :1, :, :fpb]
         zs = torch.cat([z_bank[:, None], zs], 1)  # (B, 1 + K, C, F, h, w); entry 0: the bank's own noise
         e = emb[:, None].expand(B, variants + 1, *emb.shape[1:]).reshape(-1, *emb.shape[1:])
-        _, x = ode_solve(teacher, zs.reshape(-1, C, F, h, w), e, torch.zeros_like(e), cfg.ode.guidance_scale, grid,
+        solver = BlockCausal(teacher, fpb) if cfg.ode.causal_teacher else teacher  # as the bank was made
+        _, x = ode_solve(solver, zs.reshape(-1, C, F, h, w), e, torch.zeros_like(e), cfg.ode.guidance_scale, grid,
                          num_train_timesteps=flow.num_train_timesteps)
         x = x.reshape(B, variants + 1, C, F, h, w)[:, :, :, :fpb]  # block 0's x0
         rows["bank_check"].append((x[:, 0] - x0_bank[:, :, :fpb]).abs().amax())
