@@ -67,6 +67,7 @@ def measure(run: Path, limit: int, variants: int, batch: int) -> dict:
     grid = ode_grid(flow, cfg.ode.num_steps, sched.timesteps)
     fpb = cfg.engine.num_frame_per_block
     bank = TrajectoryBank(bank_dir, n)
+    solver = BlockCausal(teacher, fpb) if cfg.ode.causal_teacher else teacher  # as the bank was made
     rows = {k: [] for k in ("floor", "init", "teacher_as_student", "init_on_bank", "bank_check")}
     bank_x0 = []
     for s in range(0, n, batch):
@@ -80,7 +81,6 @@ def measure(run: Path, limit: int, variants: int, batch: int) -> dict:
         zs[:, :, :, :fpb] = zs[:, :1, :, :fpb]
         zs = torch.cat([z_bank[:, None], zs], 1)  # (B, 1 + K, C, F, h, w); entry 0: the bank's own noise
         e = emb[:, None].expand(B, variants + 1, *emb.shape[1:]).reshape(-1, *emb.shape[1:])
-        solver = BlockCausal(teacher, fpb) if cfg.ode.causal_teacher else teacher  # as the bank was made
         _, x = ode_solve(solver, zs.reshape(-1, C, F, h, w), e, torch.zeros_like(e), cfg.ode.guidance_scale, grid,
                          num_train_timesteps=flow.num_train_timesteps)
         x = x.reshape(B, variants + 1, C, F, h, w)[:, :, :, :fpb]  # block 0's x0

@@ -555,10 +555,10 @@ class TeacherStage(Stage):
         drop = torch.rand(emb.shape[0], generator=rnd.local("caption_dropout")) < self.cfg.flow_matching.caption_dropout
         emb[drop] = 0.0  # per clip, its whole timeline: the empty prompt, CFG's uncond when negative_prompt is ""
         emb = emb.to(self.rt.device)
-        mask = self._attention(rnd)
-        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb, **mask).sample, generator=rnd.local("fm"))
+        attn = self._attention(rnd)
+        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb, **attn).sample, generator=rnd.local("fm"))
         logs["caption_dropout"] = drop.float().mean().item()
-        return loss, {**logs, "causal": float(bool(mask))}
+        return loss, {**logs, "causal": float(bool(attn))}
 
     def _attention(self, rnd: StepRandom) -> dict:
         """flow_matching.causal_fraction: this step's batch under the block-causal mask ({num_frame_per_block})
