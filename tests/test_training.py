@@ -127,6 +127,9 @@ def test_cli_separates_options_from_overrides():
     args, over = train_cli.parse(args)
     assert (args.stage, args.config, args.output_dir, args.resume, args.max_steps) == ("dmd", "tiny-dmd", "o", True, 7)
     assert over == ["--dmd.loss", "sid", "--train.seed", "-1"]
+    # --max-steps 0 after the stage (an ode-init run that only makes its bank) is 0, not "not given"
+    args, _ = train_cli.parse(p.parse_args(["ode-init", "--config", "tiny-ode-init", "--max-steps", "0"]))
+    assert args.max_steps == 0
 
 
 # ------------------------------------------------------------------------------------------------------ data

@@ -51,7 +51,7 @@ def parse(args) -> tuple[argparse.Namespace, list[str]]:
     _options(p)
     known, overrides = p.parse_known_args(args.overrides or [])
     for k, v in vars(known).items():
-        if v not in (None, False):
+        if v is not None and v is not False:  # not `v not in (None, False)`: 0 == False, and --max-steps 0 counts
             setattr(args, k, v)
     return args, overrides
 
