@@ -1,4 +1,4 @@
-"""python -m engine generate | live | convert | eval | train | ship | attack | sweep
+"""python -m engine generate | live | convert | eval | train | merge | ship | attack | sweep
 
 Each sub-command lives with its module: a module that provides `add_arguments(parser)` and `run(args)`.
 """
@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": ("engine.models.convert", "convert original Wan / Self-Forcing weights to an engine directory"),
     "eval": ("engine.data.evaluate", "score a checkpoint with the shapes evaluator"),
     "train": ("engine.training.cli", "train a VAE, a teacher, an ODE-initialised or a Self-Forcing DMD generator"),
+    "merge": ("engine.commands.merge", "interpolate the weights of two generators of one lineage (WiSE-FT)"),
     "ship": ("engine.commands.ship", "copy a trained engine directory, with its model card, to where it ships"),
     "attack": ("engine.attack.cli", "optimise the sampler noise against an objective"),
     "sweep": ("engine.attack.sweep", "run many attacks over prompts x seeds (resumable, sharded)"),

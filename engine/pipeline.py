@@ -268,9 +268,12 @@ class Engine:
         return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder,
                 "tokenizer": self.tokenizer, "fast_decoder": self.fast_decoder}
 
-    def save_pretrained(self, path) -> Path:
-        """Write the engine directory atomically (safetensors weights, JSON configs)."""
+    def save_pretrained(self, path, extra_files: dict[str, str] | None = None) -> Path:
+        """Write the engine directory atomically (safetensors weights, JSON configs; extra_files: name -> text
+        written beside them, e.g. training.json)."""
         def write(tmp: Path):
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             with quiet_loaders():
                 for name, comp in self.components().items():
                     if comp is not None:
