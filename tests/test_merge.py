@@ -72,6 +72,10 @@ def test_merge_refuses_what_cannot_be_interpolated(pair, tmp_path, capsys):
     tiny_engine(0, num_frame_per_block=1).save_pretrained(other_cfg)
     assert engine_main(["merge", str(a), str(other_cfg), "--weight", "0.5", "--out", str(out)]) == 2
     assert "num_frame_per_block" in capsys.readouterr().err
+    windowed = tmp_path / "windowed"  # serving settings may differ: the result takes A's
+    tiny_engine(0, local_attn_frames=12, sink_frames=3).save_pretrained(windowed)
+    assert engine_main(["merge", str(windowed), str(b), "--weight", "0.5", "--out", str(tmp_path / "w")]) == 0
+    assert Engine.from_pretrained(tmp_path / "w").config.local_attn_frames == 12
     wider = tmp_path / "wider"
     eng = tiny_engine(0)
     from engine.testing import tiny_transformer

@@ -5,8 +5,8 @@ transformer and text encoder become (1 - W) * A + W * B, tensor by tensor (float
 one stage gained against what the other kept without training again: docs/default-model.md uses it between a DMD
 stage that holds a long stream's colour and a later one that follows short-clip prompts better. A and B must be
 one architecture with one sampler configuration and one VAE (interpolating the decoder of latents would change
-what the latents mean); the VAE, tokenizer and fast decoder are A's. The result is written atomically with a
-training.json that names its sources.
+what the latents mean); the VAE, tokenizer, fast decoder and the rolling-window settings are A's. The result is
+written atomically with a training.json that names its sources.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ import json
 from pathlib import Path
 
 import torch
+
+
+# engine_config.json settings that say how a stream is served, not what the weights were trained for: they may
+# differ (e.g. a run directory without the live window beside a shipped model with it) and the result takes A's
+SERVING_SETTINGS = ("local_attn_frames", "sink_frames")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +59,7 @@ def merge_engines(a, b, weight: float):
     if not (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0):
         raise ValueError(f"--weight must be in [0, 1] (the share of B), got {weight!r}")
     ca, cb = dataclasses.asdict(a.config), dataclasses.asdict(b.config)
-    changed = sorted(k for k in ca if ca[k] != cb[k])
+    changed = sorted(k for k in ca if ca[k] != cb[k] and k not in SERVING_SETTINGS)
     if changed:
         raise ValueError(f"A and B have different engine_config.json settings ({', '.join(changed)}); merge needs "
                          f"one sampler configuration")
