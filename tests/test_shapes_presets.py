@@ -473,7 +473,7 @@ def test_shipped_dmd_presets_run_from_a_clean_clone(tmp_path, preset, window):
 
 
 @pytest.mark.parametrize("teacher, message", [
-    ("checkpoints/shapes-sf", "not a bidirectional teacher: it is the 'generator' of a 'merge' run"),
+    ("checkpoints/shapes-sf", "not a bidirectional teacher: it is the 'generator' of a 'dmd' run"),
     ("checkpoints/shapes-sf-vq", "not a bidirectional teacher: it is the 'generator' of a 'vq-dmd' run"),
     ("checkpoints/shapes-sf-vq/transformer", "quantized generator"),
 ])
