@@ -49,6 +49,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).write_text(text)
 
 
+def refuse_to_replace(target: str | os.PathLike, force: bool) -> None:
+    """ValueError if `target` is a non-empty directory and `force` is not set (the --force of commands that write one)."""
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not force:
+        raise ValueError(f"{target} exists and is not empty; pass --force to replace it")
+
+
 def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write a directory via write(tmp_dir) and move it into place in one rename (an old one is replaced)."""
     target = Path(target).absolute()

@@ -65,6 +65,11 @@ def screenshot(driver, tmp_path, name: str) -> None:
         shutil.copy(path, os.path.join(target, name))
 
 
+def block_of(status: str) -> int:
+    """The block number of a status line "... block K of N ..."."""
+    return int(status.split("block ")[1].split(" of")[0])
+
+
 def test_video_plays_while_it_is_generated_and_stops(browser, tmp_path):
     engine = tiny_app_engine(block_delay=BLOCK_DELAY)
     with running_app(engine) as app:
@@ -115,11 +120,10 @@ def test_video_plays_while_it_is_generated_and_stops(browser, tmp_path):
         fast.until(lambda d: "block 2 of" in d.execute_script(STATE_JS)["status"])
         shown = browser.execute_script(STATE_JS)["status"]
         browser.find_element(By.CSS_SELECTOR, "#stop-btn").click()
-        shown_at = int(shown.split("block ")[1].split(" of")[0])
         wait.until(lambda d: "Stopped" in d.execute_script(STATE_JS)["status"])
         status = browser.execute_script(STATE_JS)["status"]
-        stopped_at = int(status.split("block ")[1].split(" of")[0])
-        assert stopped_at <= shown_at + 1, (shown, status)  # the block running when Stop came is the last one
+        stopped_at = block_of(status)
+        assert stopped_at <= block_of(shown) + 1, (shown, status)  # the block running when Stop came is the last one
         assert stopped_at < 6, status  # FRAMES is 6 blocks: the run did not finish
         link = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#download a")))
         assert link.get_attribute("href")

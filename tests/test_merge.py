@@ -10,7 +10,7 @@ import torch
 
 from engine.cli import main as engine_main
 from engine.pipeline import Engine
-from engine.testing import tiny_engine
+from engine.testing import tiny_engine, tiny_transformer
 
 
 def _nudged(eng: Engine, seed: int) -> Engine:
@@ -78,7 +78,6 @@ def test_merge_refuses_what_cannot_be_interpolated(pair, tmp_path, capsys):
     assert Engine.from_pretrained(tmp_path / "w").config.local_attn_frames == 12
     wider = tmp_path / "wider"
     eng = tiny_engine(0)
-    from engine.testing import tiny_transformer
     Engine(tiny_transformer(0, ffn_dim=96), eng.vae, eng.text_encoder, eng.tokenizer,
            height=32, width=32, num_frames=21, text_max_length=16).save_pretrained(wider)
     assert engine_main(["merge", str(a), str(wider), "--weight", "0.5", "--out", str(out)]) == 2

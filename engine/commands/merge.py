@@ -77,10 +77,10 @@ def merge_engines(a, b, weight: float):
 
 def run(args) -> int:
     from engine import Engine
+    from engine.atomic import refuse_to_replace
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"{out} exists and is not empty; pass --force to replace it")
+    refuse_to_replace(out, args.force)
     a, b = Engine.from_pretrained(args.a), Engine.from_pretrained(args.b)
     merge_engines(a, b, args.weight)
 

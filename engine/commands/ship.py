@@ -9,7 +9,6 @@ engine_config.json, the model card as README.md) atomically to --out, e.g. check
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 
@@ -22,18 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from engine import Engine
+    from engine.atomic import refuse_to_replace
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"{out} exists and is not empty; pass --force to replace it")
+    refuse_to_replace(out, args.force)
     if args.card is not None and not Path(args.card).is_file():
         raise FileNotFoundError(f"model card {args.card} does not exist")
     eng = Engine.from_pretrained(args.source)
     if args.card is not None:
         eng.model_card = Path(args.card).read_text()
-    eng.save_pretrained(out)
     record = Path(args.source) / "training.json"  # what made it (a distillation checks its teacher by it)
-    if record.is_file():
-        shutil.copyfile(record, out / "training.json")
+    eng.save_pretrained(out, extra_files={"training.json": record.read_text()} if record.is_file() else None)
     print(f"shipped {args.source} -> {out}")
     return 0
