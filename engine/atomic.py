@@ -50,7 +50,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def refuse_to_replace(target: str | os.PathLike, force: bool) -> None:
-    """ValueError if `target` is a non-empty directory and `force` is not set (the --force of commands that write one)."""
+    """ValueError if `target` is a non-empty directory and `force` is not set (--force of commands writing one)."""
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not force:
         raise ValueError(f"{target} exists and is not empty; pass --force to replace it")
