@@ -109,3 +109,31 @@ def test_teacher_causal_fraction_trains_steps_under_the_block_causal_mask(tmp_pa
     assert 10 <= sum(logs) <= 30 and [bool(k) for k in seen] == [bool(c) for c in logs]
     with pytest.raises(ValueError, match=r"flow_matching.causal_fraction.*in \[0, 1\]"):
         _teacher(tmp_path / "bad", **{"flow_matching.causal_fraction": 1.5})
+
+
+def test_stream_windows_are_block_aligned_cuts_of_whole_encoded_long_clips(tmp_path):
+    """data.stream_frames: the teacher trains on windows of the clip's latent length cut at a block boundary from
+    a long clip encoded whole (as a stream's frames are), with the timeline cut the same way; the window is drawn
+    per sample number (a resumed run draws the same), and every block boundary is drawn."""
+    from engine.training.data import encode_video
+
+    cfg, st = _teacher(tmp_path, **{"data.stream_frames": 45})  # 21 frames = 6 latent frames; 45 = 12 (4 blocks)
+    src, F, k = st.data.source, 6, cfg.engine.num_frame_per_block
+    assert src.dataset.cfg.num_frames == 45 and st.data.window == (F, k)
+    starts = []
+    for b in range(6):
+        batch = st.data.batch(b)
+        assert batch.latents.shape[2] == F and batch.prompt_embeds.shape[1] == F
+        for j, i in enumerate(batch.indices):
+            item = src.dataset[i]
+            whole = encode_video(src.vae, item["video"][None])[0]
+            s = next(s for s in range(0, 12 - F + 1, k) if torch.allclose(whole[:, s : s + F], batch.latents[j]))
+            want = st.data.prompts(frame_prompts(item["timeline"], 12, k)[s : s + F])
+            assert torch.equal(batch.prompt_embeds[j], want)
+            starts.append(s)
+        assert torch.equal(st.data.batch(b).latents, batch.latents)  # a pure function of the sample number
+    assert set(starts) == {0, 3, 6}
+    with pytest.raises(ValueError, match=r"data.stream_frames.*33, 45"):
+        _teacher(tmp_path / "bad", **{"data.stream_frames": 41})
+    with pytest.raises(ValueError, match=r"data.stream_frames.*unless stage is teacher"):
+        load_config("tiny-dmd", ["--data.stream_frames", "45"])

@@ -258,9 +258,10 @@ def _unit_path(timeline, cfg: "ShapesConfig") -> np.ndarray:
 
 
 def free_until(timeline, cfg: "ShapesConfig") -> int:
-    """Last frame of the wall-free path: the end of the free part (first half) of the last prompt's segment."""
+    """Last frame of the wall-free path: the end of the free part of the last prompt's segment (its first half, at
+    most cfg.free_frames frames: a long clip bounces after that, as a stream does)."""
     s = block_frame(timeline[-1][0], cfg)
-    return s + default_free_frames(cfg.num_frames - s)
+    return s + min(cfg.free_frames, default_free_frames(cfg.num_frames - s))
 
 
 def _num_objects(rng: np.random.Generator, cfg: "ShapesConfig", top: int) -> int:

@@ -102,6 +102,12 @@ class DataConfig:
     num_samples: dataset size for shapes / synthetic (the shapes cache encodes this many clips).
     seed: content seed of shapes / synthetic data (the order of batches comes from train.seed).
     shapes: overrides of engine.data.shapes.ShapesConfig (not its size fields: those come from `engine`).
+    stream_frames: teacher stage, shapes source: render clips of this many video frames (1 + 4k, longer than
+        engine.num_frames), encode each whole (the causal VAE, as a stream's frames are), and train on a random
+        block-aligned window of the engine clip's latent length from each, drawn per sample. A window that starts
+        after block 0 begins mid-stream: a first latent frame of four video frames, objects that may have bounced,
+        a prompt switch before or inside it. Long-horizon DMD shows the teacher such windows (docs/training.md).
+        null: the clip itself.
     """
 
     source: str = "synthetic"
@@ -109,6 +115,7 @@ class DataConfig:
     num_samples: int = 1024
     seed: int = 0
     shapes: dict = field(default_factory=dict)
+    stream_frames: int | None = None
 
 
 @dataclass
@@ -346,6 +353,14 @@ class Config:
         _check(self.stage is None or self.stage in STAGES, "stage", self.stage, f"one of {', '.join(STAGES)}")
         _check(self.data.source in DATA_SOURCES, "data.source", self.data.source, f"one of {', '.join(DATA_SOURCES)}")
         _check(self.data.num_samples >= 1, "data.num_samples", self.data.num_samples, ">= 1")
+        n, e = self.data.stream_frames, self.engine
+        if n is not None:
+            _check(self.stage == "teacher" and self.data.source == "shapes", "data.stream_frames", n,
+                   "null unless stage is teacher and data.source is shapes (the windows are of encoded shapes clips)")
+            k = 4 * e.num_frame_per_block  # video frames per latent block
+            _check(isinstance(n, int) and not isinstance(n, bool) and n > e.num_frames and (n - e.num_frames) % k == 0,
+                   "data.stream_frames", n, f"engine.num_frames ({e.num_frames}) plus whole latent blocks of {k} video "
+                   f"frames: {e.num_frames + k}, {e.num_frames + 2 * k}, ...")
         t = self.train
         for key in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "max_nonfinite_steps"):
             _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")

@@ -352,12 +352,13 @@ class TrainData:
     """Rank-sharded micro-batches; `batch(k)` is a pure function of (seed, k, rank). See the module docstring."""
 
     def __init__(self, source, prompts: PromptEncoder, *, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, need_latents: bool):
+                 world: int = 1, need_latents: bool, window: tuple[int, int] | None = None):
         if len(source) < 1:
             raise ValueError("the training data is empty")
         self.source, self.prompts = source, prompts
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.need_latents = need_latents
+        self.window = window  # (F, k): each sample a random window of F latent frames starting at a block of k
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -375,7 +376,29 @@ class TrainData:
         first = (k * self.world + self.rank) * self.batch_size
         indices = [self.index(first + j) for j in range(self.batch_size)]
         items = [self.source.get(i, self.need_latents) for i in indices]
+        if self.window:
+            items = [self.cut(it, first + j) for j, it in enumerate(items)]
         return self.collate(items, indices)
+
+    def cut(self, item: dict, sample: int) -> dict:
+        """A long clip's window of F latent frames from a block boundary drawn uniformly for this sample number
+        (a pure function of (seed, sample), so a resumed run cuts the same windows). The latents and the per-frame
+        prompts are cut; a caption names the clip's first prompt, so it is kept only for a window at block 0 or a
+        clip without a timeline."""
+        F, k = self.window
+        n = item["latents"].shape[1]
+        if n < F or (n - F) % k:
+            raise ValueError(f"a stream clip of {n} latent frames has no whole windows of {F} frames at blocks of {k}")
+        s = k * int(torch.randint((n - F) // k + 1, (), generator=seeded(self.seed, 0x3A1D, sample)))
+        out = dict(item, latents=item["latents"][:, s : s + F])
+        per_frame = "frame_prompts" in item or item.get("prompt_embeds", torch.empty(0)).ndim == 3
+        if "frame_prompts" in item:
+            out["frame_prompts"] = item["frame_prompts"][s : s + F]
+        if "prompt_embeds" in item and item["prompt_embeds"].ndim == 3:
+            out["prompt_embeds"] = item["prompt_embeds"][s : s + F]
+        if per_frame and s:
+            out.pop("caption", None), out.pop("caption_text", None)
+        return out
 
     def collate(self, items: list[dict], indices: list[int]) -> Batch:
         captions = [it.get("caption", it.get("caption_text")) for it in items]

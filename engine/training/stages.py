@@ -349,6 +349,8 @@ def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: boo
         source = SyntheticSource(d.num_samples, latent_shape, (e.text_max_length, text_dim), d.seed)
     elif d.source == "shapes":
         scfg = shapes_config(cfg)
+        if d.stream_frames:  # long clips, cut into windows of the clip's latent length per sample (TrainData)
+            scfg = dataclasses.replace(scfg, num_frames=d.stream_frames)
         prompts.check([" ".join(VOCABULARY)])  # the text encoder must know every word of the shapes grammar
         source = ShapesSource(scfg, d.seed, d.num_samples, comps.vae)
         if d.path and need_latents:
@@ -365,6 +367,10 @@ def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: boo
             raise ValueError("data.source 'prompts' needs data.path (a text file, one prompt per line)")
         source = PromptFileSource(d.path)
         prompts.check(source.prompts)
+    window = None
+    if d.stream_frames:
+        window = (latent_shape[1], e.num_frame_per_block)
+        latent_shape = (*latent_shape[:1], (d.stream_frames - 1) // 4 + 1, *latent_shape[2:])
     if isinstance(source, LatentDirSource):
         if need_latents and source.latent_shape != tuple(latent_shape):
             raise ValueError(f"latents in {source.path} have shape {source.latent_shape}, the model trains on "
@@ -373,7 +379,7 @@ def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: boo
             raise ValueError(f"prompt embeddings in {source.path} have width {source.embed_shape[-1]}, the "
                              f"transformer's text_dim is {text_dim}")
     data = TrainData(source, prompts, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rt.rank,
-                     world=rt.world, need_latents=need_latents)
+                     world=rt.world, need_latents=need_latents, window=window)
     return data, prompts
 
 
