@@ -2,7 +2,7 @@
 clips, window by window (issue 15, item 6: long-horizon DMD shows the teacher such windows).
 
     python benchmarks/bench_teacher_windows.py checkpoints/shapes-teacher runs/shapes-teacher-stream/teacher \
-        [--clips 64] [--stream-frames 81] [--seed 7]
+        [--clips 64] [--stream-frames 81] [--seed 7] [--history 1]
 
 Held-out clips (data seed 7; the teachers train on seed 1) of --stream-frames video frames, 30% of them with a
 prompt switch (the teacher data's settings, free_frames 16: the objects bounce after that), are encoded whole by
@@ -10,7 +10,9 @@ each teacher's VAE, as a stream's frames are. Each window of the teacher's clip 
 latent frames) that starts at a block boundary is noised at fixed timesteps with noise fixed per (clip, window,
 timestep), identical for every teacher (a paired comparison), and the teacher's flow prediction is scored against
 eps - x0 (`FlowMatchingLoss`, MEAN), conditioned on the window's per-frame prompts. Window 0 is the clip the
-teachers were trained on; later windows start mid-stream (a first latent frame of four video frames).
+teachers were trained on; later windows start mid-stream (a first latent frame of four video frames). With
+--history H up to H blocks of the stream before a window go with it, clean at timestep 0 and outside the loss
+(what `flow_matching.stream_history` trains).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ TIMESTEPS = (100.0, 300.0, 500.0, 700.0, 900.0)
 
 
 @torch.no_grad()
-def window_losses(path: str, clips: int, stream_frames: int, seed: int, batch: int = 16) -> list[list[float]]:
-    """[window][timestep] mean flow-matching loss of the teacher at `path` (an engine directory)."""
+def window_losses(path: str, clips: int, stream_frames: int, seed: int, history: int = 0,
+                  batch: int = 16) -> list[list[float]]:
+    """[window][timestep] mean flow-matching loss of the teacher at `path` (an engine directory) on each window's
+    F frames, with up to `history` blocks of the stream before it clean at timestep 0."""
     eng = engine.Engine.from_pretrained(path)
     net = CausalWanTransformer3DModel.from_pretrained(f"{path}/transformer").eval()
     c, k = eng.config, eng.config.num_frame_per_block
@@ -53,11 +57,15 @@ def window_losses(path: str, clips: int, stream_frames: int, seed: int, batch: i
         emb = {p: eng.encode_prompt(p)[0] for p in {p for f in per_frame for p in f}}
         cond = torch.stack([torch.stack([emb[p] for p in f]) for f in per_frame])  # (B, n, L, D)
         for w in range(len(out)):
-            x, e = lat[:, :, w * k : w * k + F], cond[:, w * k : w * k + F]
+            h = k * min(w, history)  # clean frames before the window
+            x, e = lat[:, :, w * k - h : w * k + F], cond[:, w * k - h : w * k + F]
             for j, t in enumerate(TIMESTEPS):
-                eps = torch.randn(x.shape, generator=seeded(seed, b0, w, j))
+                eps = torch.randn(x[:, :, h:].shape, generator=seeded(seed, b0, w, j))  # the same with any history
                 tt = torch.full((x.shape[0],), t)
-                loss, _ = loss_fn(x, lambda x_t, t_: net(x_t, t_, e).sample, t=tt, eps=eps)
+                ctx = torch.zeros(x.shape[0], h)
+                loss, _ = loss_fn(x[:, :, h:], lambda x_t, t_: net(torch.cat([x[:, :, :h], x_t], 2),
+                                                                 torch.cat([ctx, t_[:, None].expand(-1, F)], 1),
+                                                                 e).sample[:, :, h:], t=tt, eps=eps)
                 out[w][j] += loss.item() * x.shape[0] / clips
     return out
 
@@ -68,15 +76,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--stream-frames", type=int, default=81)
     ap.add_argument("--seed", type=int, default=7, help="data seed of the held-out clips")
+    ap.add_argument("--history", type=int, default=0, help="clean stream blocks before each window (timestep 0)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.clips < 1:
         raise SystemExit(f"--clips must be >= 1, got {args.clips}")
     torch.set_num_threads(args.threads)
-    res = {t: window_losses(t, args.clips, args.stream_frames, args.seed) for t in args.teachers}
+    res = {t: window_losses(t, args.clips, args.stream_frames, args.seed, args.history) for t in args.teachers}
     print(f"flow-matching loss by window (block-aligned, window 0 = the training clip), {args.clips} clips of "
-          f"{args.stream_frames} frames, data seed {args.seed}; mean over t in {list(TIMESTEPS)}")
+          f"{args.stream_frames} frames, data seed {args.seed}, {args.history} clean blocks of history; mean over t "
+          f"in {list(TIMESTEPS)}")
     nwin = len(next(iter(res.values())))
     print("| teacher | " + " | ".join(f"window {w}" for w in range(nwin)) + " |")
     print("|---|" + "---:|" * nwin)

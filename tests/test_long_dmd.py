@@ -218,3 +218,66 @@ def test_the_tiny_long_preset_trains_and_resumes_exactly(dirs, tmp_path):
         sb = param_checksums(Engine.from_pretrained(tmp_path / "stopped" / name).transformer)
         assert torch.equal(sa, sb), name
     assert Engine.from_pretrained(tmp_path / "straight" / "generator").config.local_attn_frames == 9
+
+
+@torch.no_grad()
+def test_the_rollout_returns_the_blocks_before_the_window_as_history(eng):
+    """history_blocks: the x0 of up to that many blocks before the window, which are the live stream's frames there."""
+    cond, live = eng.encode_prompt(RED), live_latents(eng, 7, [(0, RED)], 5)
+    res = rollout(eng, cond, [7], 5, 3)
+    assert res.history is None
+    for h, frames in [(1, slice(6, 9)), (2, slice(3, 9)), (5, slice(0, 9))]:
+        res = rollout_h(eng, cond, 5, 3, h)
+        assert (res.history - live[:, :, frames]).abs().max() <= 1e-5
+    assert rollout_h(eng, cond, 5, 0, 2).history is None  # a window at the start has none
+
+
+def rollout_h(eng, cond, num_blocks, start, history_blocks):
+    k, h, w = eng.config.num_frame_per_block, 32 // 8, 32 // 8
+    noise = SamplerNoise.from_seed(7, (1, 4, num_blocks * k, h, w), num_renoise(eng.schedule))
+    make = lambda: eng.transformer.make_cache(h, w, max_frames=WINDOW - k, sink_frames=SINK)
+    return self_forcing_rollout(eng.transformer, cond, noise, eng.schedule, make, num_frame_per_block=k,
+                                exit_steps=[len(eng.schedule) - 1] * num_blocks, grad=False, window_start=start,
+                                dtype=torch.float32, history_blocks=history_blocks)
+
+
+def test_teacher_history_puts_the_stream_before_the_window_for_the_real_score_and_the_critic(dirs, tmp_path,
+                                                                                          monkeypatch):
+    """dmd.teacher_history 1: the teacher (real score, with CFG) and the critic (both steps) get the block before
+    the window clean at timestep 0 under the timeline's first prompt, then the window at the loss's t; the scores
+    are cut back to the window; a window at the rollout's start goes alone; bad settings are refused."""
+    st = build(config(dirs, **{"dmd.teacher_history": 1, "data.shapes": {"switch_prob": 1.0}}), tmp_path)
+    seen = []
+    for name, net in (("teacher", st.teacher), ("critic", st.trainables["critic"])):
+        fwd = net.forward
+        monkeypatch.setattr(net, "forward", lambda x, t, c, *a, _f=fwd, _n=name, **kw:
+                            seen.append((_n, x, t, c)) or _f(x, t, c, *a, **kw))
+    batch = st.data.batch(0)
+    k, F = st.block, st.shape[1]
+    starts = [st.window_start(StepRandom(0, s, "generator", 0, 0)) for s in range(12)]
+    assert 0 in starts and max(starts) > 0
+    for s, start in enumerate(starts):
+        rnd = StepRandom(0, s, "generator", 0, 0)
+        res, _ = st.rollout(batch.prompt_embeds, rnd, grad=False)
+        seen.clear()
+        x_t, t = torch.randn(res.x0.shape), torch.full((res.x0.shape[0],), 500.0)
+        out = st.real_score(batch.prompt_embeds, res)(x_t, t)
+        assert out.shape == x_t.shape
+        (_, x_in, t_in, c_in), = seen  # one call: cond and uncond batched
+        H = k if start else 0
+        assert x_in.shape[2] == H + F and torch.all(t_in == 500.0 if not H else t_in[:, H:] == 500.0)
+        if H:
+            assert t_in.shape == (2 * x_t.shape[0], H + F) and torch.all(t_in[:, :H] == 0)
+            assert torch.equal(x_in[: x_t.shape[0], :, :H], res.history)
+            first = batch.prompt_embeds[:, :1].expand(-1, H, -1, -1)
+            assert torch.equal(c_in[: x_t.shape[0], :H], first) and torch.equal(c_in[: x_t.shape[0], H:],
+                                                                                batch.prompt_embeds)
+    seen.clear()
+    loss, logs = st.critic_step(batch, StepRandom(0, 5, "critic", 0, 0))
+    (name, x_in, t_in, _), = seen
+    H = k if logs["window_start"] else 0
+    assert name == "critic" and x_in.shape[2] == H + F and torch.isfinite(loss)
+    loss, _ = st.generator_step(batch, StepRandom(0, 5, "generator", 0, 0))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"dmd.teacher_history.*needs a long rollout"):
+        config(dirs, "tiny-dmd", **{"dmd.teacher_history": 1})

@@ -119,7 +119,7 @@ def test_stream_windows_are_block_aligned_cuts_of_whole_encoded_long_clips(tmp_p
 
     cfg, st = _teacher(tmp_path, **{"data.stream_frames": 45})  # 21 frames = 6 latent frames; 45 = 12 (4 blocks)
     src, F, k = st.data.source, 6, cfg.engine.num_frame_per_block
-    assert src.dataset.cfg.num_frames == 45 and st.data.window == (F, k)
+    assert src.dataset.cfg.num_frames == 45 and st.data.window == (F, k, 0)
     starts = []
     for b in range(6):
         batch = st.data.batch(b)
@@ -137,3 +137,50 @@ def test_stream_windows_are_block_aligned_cuts_of_whole_encoded_long_clips(tmp_p
         _teacher(tmp_path / "bad", **{"data.stream_frames": 41})
     with pytest.raises(ValueError, match=r"data.stream_frames.*unless stage is teacher"):
         load_config("tiny-dmd", ["--data.stream_frames", "45"])
+
+
+def test_stream_history_goes_clean_at_timestep_zero_and_outside_the_loss(tmp_path):
+    """flow_matching.stream_history 1: a cut is the window behind one block of its stream (F + k frames; at the
+    clip's start the first F + k frames, all noised); the teacher gets the history frames clean at t = 0 and the
+    loss is the MEAN over the noised frames, computed here from the formula; without history frames it is the
+    plain flow-matching loss with the same draws."""
+    from engine.training.losses import FlowMatchingLoss
+
+    cfg, st = _teacher(tmp_path, **{"data.stream_frames": 45, "flow_matching.stream_history": 1})
+    F, k = 6, cfg.engine.num_frame_per_block
+    batches = [st.data.batch(b) for b in range(12)]
+    hist = torch.cat([b.extra["history_frames"] for b in batches])
+    assert all(b.latents.shape[2] == F + k for b in batches) and set(hist.tolist()) == {0, k}
+    batch = next(b for b in batches if set(b.extra["history_frames"].tolist()) == {0, k})
+    net, seen = st.nets["teacher"], []
+    forward = net.forward
+    net.forward = lambda x, t, emb, **kw: seen.append((x, t, emb)) or forward(x, t, emb, **kw)
+    rnd = StepRandom(0, 1, "teacher", 3, 0)
+    loss, logs = st.loss(batch, rnd)
+    x_in, t_in, emb_in = seen[-1]
+    x = batch.latents
+    g = rnd.local("fm")
+    t = st.flow.sample_timesteps(x.shape[0], generator=g, min_frac=0.0, max_frac=1.0)
+    eps = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        pred = forward(x_in, t_in, emb_in).sample
+    want, n = 0.0, 0
+    for i, h in enumerate(batch.extra["history_frames"].tolist()):
+        assert torch.equal(t_in[i, :h], torch.zeros(h)) and torch.allclose(t_in[i, h:], t[i].expand(F + k - h))
+        assert torch.equal(x_in[i, :, :h], x[i, :, :h])  # clean history
+        s = t[i] / 1000
+        assert torch.allclose(x_in[i, :, h:], (1 - s) * x[i, :, h:] + s * eps[i, :, h:], atol=1e-6)
+        want += (pred[i, :, h:] - (eps[i, :, h:] - x[i, :, h:])).square().sum()
+        n += pred[i, :, h:].numel()
+    assert torch.allclose(loss, want / n, rtol=1e-5) and logs["history_frames"] == hist_mean(batch)
+    # no history frames: the plain loss, the same draws
+    batch.extra["history_frames"] = torch.zeros_like(batch.extra["history_frames"])
+    plain = FlowMatchingLoss(st.flow)(x, lambda x_t, tt: forward(x_t, tt, emb_in).sample,
+                                      generator=rnd.local("fm"))[0]
+    assert torch.allclose(st.loss(batch, rnd)[0], plain, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"flow_matching.stream_history.*needs data.stream_frames"):
+        _teacher(tmp_path / "bad", **{"flow_matching.stream_history": 1})
+
+
+def hist_mean(batch):
+    return batch.extra["history_frames"].float().mean().item()

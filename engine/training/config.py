@@ -180,10 +180,16 @@ class FlowMatchingConfig:
     causal_fraction: the share of steps (drawn per step and process) whose whole batch is denoised under the
         block-causal mask of engine.num_frame_per_block (each block sees itself and the earlier ones), the rest
         bidirectionally: a teacher that can also make trajectories block by block, nearer the causal student.
+    stream_history: with data.stream_frames, this many latent blocks of the stream before each window go with it
+        clean (timestep 0, the engine's context timestep) and outside the loss, so the teacher sees where the stream
+        came from (which way the objects move after a bounce, what the frame before the window's first latent
+        frame was); a sample that starts within the first blocks has only those (at the clip's start, none: its
+        F + history frames are all noised). 0: the window alone.
     """
 
     caption_dropout: float = 0.1
     causal_fraction: float = 0.0
+    stream_history: int = 0
     min_frac: float = 0.0
     max_frac: float = 1.0
     guidance_scale: float = 4.0
@@ -241,6 +247,10 @@ class DMDConfig:
     regression_weight: DMD (v1)'s regression term (the recipe's dmd_regression_weight; 0 = off): each generator
         step adds weight x the ODE-init loss (`ode.ode_regression`, clean context) on train.batch_size random
         trajectories of the teacher's ODE bank models.ode_bank; logged as ode_loss.
+    teacher_history: a long rollout (rollout.num_frames): up to this many blocks of the rollout before the loss
+        window go with it to the real score and the critic (both steps), clean at timestep 0 (the engine's context
+        timestep) and cut from their outputs: the stream the window continues, as a teacher trained with
+        flow_matching.stream_history saw it. A window at the rollout's start has none. 0: the window alone.
     """
 
     loss: str = "dmd"
@@ -256,6 +266,7 @@ class DMDConfig:
     gan_layers: list[int] = field(default_factory=lambda: [-1])
     gan_head_dim: int = 0
     regression_weight: float = 0.0
+    teacher_history: int = 0
 
     @property
     def gan(self) -> bool:
@@ -361,6 +372,12 @@ class Config:
             _check(isinstance(n, int) and not isinstance(n, bool) and n > e.num_frames and (n - e.num_frames) % k == 0,
                    "data.stream_frames", n, f"engine.num_frames ({e.num_frames}) plus whole latent blocks of {k} video "
                    f"frames: {e.num_frames + k}, {e.num_frames + 2 * k}, ...")
+        h = self.flow_matching.stream_history
+        _check(isinstance(h, int) and not isinstance(h, bool) and h >= 0 and (h == 0 or (
+            n is not None and h * 4 * e.num_frame_per_block <= n - e.num_frames
+            and not self.flow_matching.train_text_encoder)), "flow_matching.stream_history", h,
+            "an int >= 0; > 0 needs data.stream_frames at least that many blocks longer than engine.num_frames "
+            "(and flow_matching.train_text_encoder false)")
         t = self.train
         for key in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "max_nonfinite_steps"):
             _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
@@ -416,6 +433,10 @@ class Config:
                "a trajectory bank directory (an ode-init run's output with ode.num_trajectories > 0) when "
                "dmd.regression_weight > 0")
         _check(d.gan_head_dim >= 0, "dmd.gan_head_dim", d.gan_head_dim, ">= 0 (0 = the critic's width)")
+        h = d.teacher_history
+        _check(isinstance(h, int) and not isinstance(h, bool) and h >= 0 and (
+            h == 0 or (self.rollout.num_frames is not None and not d.gan)), "dmd.teacher_history", h,
+            "an int >= 0; > 0 needs a long rollout (rollout.num_frames) and no GAN term")
         _check(not d.gan or self.data.source != "prompts", "data.source", self.data.source,
                "shapes, latents or synthetic with dmd.gan_weight / gan_critic_weight > 0 (the GAN term needs real "
                "clips; a prompt file has none)")

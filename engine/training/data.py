@@ -358,7 +358,8 @@ class TrainData:
         self.source, self.prompts = source, prompts
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.need_latents = need_latents
-        self.window = window  # (F, k): each sample a random window of F latent frames starting at a block of k
+        self.window = window  # (F, k, h): each sample a random window of F latent frames at a block of k frames,
+        # behind up to h blocks of its stream (TrainData.cut)
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -381,23 +382,29 @@ class TrainData:
         return self.collate(items, indices)
 
     def cut(self, item: dict, sample: int) -> dict:
-        """A long clip's window of F latent frames from a block boundary drawn uniformly for this sample number
-        (a pure function of (seed, sample), so a resumed run cuts the same windows). The latents and the per-frame
-        prompts are cut; a caption names the clip's first prompt, so it is kept only for a window at block 0 or a
-        clip without a timeline."""
-        F, k = self.window
+        """A long clip's window of F latent frames from a block boundary b drawn uniformly for this sample number
+        (a pure function of (seed, sample), so a resumed run cuts the same windows). With h history blocks the cut
+        starts min(b, h) blocks earlier and is F + h k frames long (at the clip's start: its first F + h k frames),
+        and `history_frames` says how many frames lie before the window. The latents and the per-frame prompts are
+        cut; a caption names the clip's first prompt, so it is kept only for a cut at frame 0 or a clip without a
+        timeline."""
+        F, k, h = self.window
         n = item["latents"].shape[1]
-        if n < F or (n - F) % k:
-            raise ValueError(f"a stream clip of {n} latent frames has no whole windows of {F} frames at blocks of {k}")
-        s = k * int(torch.randint((n - F) // k + 1, (), generator=seeded(self.seed, 0x3A1D, sample)))
-        out = dict(item, latents=item["latents"][:, s : s + F])
+        if n < F + h * k or (n - F) % k:
+            raise ValueError(f"a stream clip of {n} latent frames has no whole windows of {F} frames at blocks of {k} "
+                             f"behind {h} blocks")
+        b = int(torch.randint((n - F) // k + 1, (), generator=seeded(self.seed, 0x3A1D, sample)))
+        s, e = k * max(0, b - h), k * max(b, h) + F  # the cut: history, then the window (longer at the start)
+        out = dict(item, latents=item["latents"][:, s:e])
         per_frame = "frame_prompts" in item or item.get("prompt_embeds", torch.empty(0)).ndim == 3
         if "frame_prompts" in item:
-            out["frame_prompts"] = item["frame_prompts"][s : s + F]
+            out["frame_prompts"] = item["frame_prompts"][s:e]
         if "prompt_embeds" in item and item["prompt_embeds"].ndim == 3:
-            out["prompt_embeds"] = item["prompt_embeds"][s : s + F]
+            out["prompt_embeds"] = item["prompt_embeds"][s:e]
         if per_frame and s:
             out.pop("caption", None), out.pop("caption_text", None)
+        if h:
+            out["history_frames"] = torch.tensor(k * min(b, h))
         return out
 
     def collate(self, items: list[dict], indices: list[int]) -> Batch:

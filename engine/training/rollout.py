@@ -52,6 +52,7 @@ class RolloutResult:
     grad_frames: torch.Tensor  # (F,) bool: frames whose x0 carries gradient
     block_ranges: list[tuple[float, float]]  # per block (timestep_to, timestep_from) of its exit step
     window_start: int = 0  # a long rollout: the block of the whole rollout at which x0 (the window) starts
+    history: torch.Tensor | None = None  # (B, C, F_h, H, W) x0 of up to history_blocks blocks before the window
 
     @property
     def timestep_range(self) -> tuple[float, float]:
@@ -92,6 +93,7 @@ def self_forcing_rollout(
     dtype: torch.dtype | None = None,
     window_start: int = 0,
     recache: bool = True,
+    history_blocks: int = 0,
 ) -> RolloutResult:
     """Roll the generator out over all blocks of `noise` (see the module docstring): the inference loop
     (`block_sampler.block_loop` with the same step rule, noise and context) with exit steps and gradient only there.
@@ -107,6 +109,7 @@ def self_forcing_rollout(
         history, run without gradient and not returned; the rollout ends with the window's last block).
     recache: at a switch, re-cache the window's KV under the new prompt (LongLive; the live default) or only
         change the cross-attention prompt.
+    history_blocks: also return (detached, as `history`) the x0 of up to this many blocks before the window.
     """
     k = num_frame_per_block
     if noise.shape[2] % k:
@@ -146,15 +149,16 @@ def self_forcing_rollout(
             switch_prompt(model, prompts[b], schedule, cache, record, k, recache_window=recache,
                           items=None if items.all() else items, dtype=dtype)
 
-    blocks = block_loop(lambda x, t, update: text["denoise"](x, t, update), FlowStep(schedule),
+    blocks = list(block_loop(lambda x, t, update: text["denoise"](x, t, update), FlowStep(schedule),
                         noise_blocks(noise, k, float32=True), num_blocks=num_blocks, exit_steps=exit_steps,
-                        grad="exit", grad_blocks=grad_blocks, context=context, before_block=before_block)
+                        grad="exit", grad_blocks=grad_blocks, context=context, before_block=before_block))
     x0 = torch.cat([info["x0"] for info in blocks if info["block"] >= window_start], dim=2)  # (B, C, F_window, H, W)
     ts = schedule.timesteps
     exits = list(exit_steps[window_start:])
     ranges = [(ts[e + 1] if e + 1 < K else 0.0, ts[e]) for e in exits]
     grad_frames = torch.tensor([g for g in grad_blocks[window_start:] for _ in range(k)])
-    return RolloutResult(x0, exits, grad_frames, ranges, window_start)
+    hist = [info["x0"].detach() for info in blocks if window_start - history_blocks <= info["block"] < window_start]
+    return RolloutResult(x0, exits, grad_frames, ranges, window_start, torch.cat(hist, 2) if hist else None)
 
 
 def block_prompts(cond: torch.Tensor, num_frames: int, num_frame_per_block: int) -> list[torch.Tensor] | None:

@@ -369,7 +369,7 @@ def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: boo
         prompts.check(source.prompts)
     window = None
     if d.stream_frames:
-        window = (latent_shape[1], e.num_frame_per_block)
+        window = (latent_shape[1], e.num_frame_per_block, cfg.flow_matching.stream_history)
         latent_shape = (*latent_shape[:1], (d.stream_frames - 1) // 4 + 1, *latent_shape[2:])
     if isinstance(source, LatentDirSource):
         if need_latents and source.latent_shape != tuple(latent_shape):
@@ -562,9 +562,29 @@ class TeacherStage(Stage):
         emb[drop] = 0.0  # per clip, its whole timeline: the empty prompt, CFG's uncond when negative_prompt is ""
         emb = emb.to(self.rt.device)
         attn = self._attention(rnd)
-        loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb, **attn).sample, generator=rnd.local("fm"))
+        if "history_frames" in batch.extra:
+            loss, logs = self._loss_after_history(net, x, emb, attn, batch.extra["history_frames"], rnd)
+        else:
+            loss, logs = self.loss_fn(x, lambda x_t, t: net(x_t, t, emb, **attn).sample, generator=rnd.local("fm"))
         logs["caption_dropout"] = drop.float().mean().item()
         return loss, {**logs, "causal": float(bool(attn))}
+
+    def _loss_after_history(self, net, x, emb, attn, history, rnd: StepRandom):
+        """The flow-matching loss of windows behind clean stream history (flow_matching.stream_history): sample i's
+        first history[i] latent frames stay clean at timestep 0, the others are noised at its drawn t; the MEAN runs
+        over the noised frames only. The same draws of t and eps as the plain loss."""
+        fm, g = self.loss_fn, rnd.local("fm")
+        t = self.flow.sample_timesteps(x.shape[0], generator=g, min_frac=fm.min_frac,
+                                       max_frac=fm.max_frac).to(x.device, torch.float32)
+        eps = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+        noised = torch.arange(x.shape[2], device=x.device)[None] >= history.to(x.device)[:, None]  # (B, F)
+        tt = torch.where(noised, t[:, None], torch.zeros_like(t)[:, None])  # (B, F) timesteps, 0 on the history
+        sigma = self.flow.sigma_of(tt)[:, None, :, None, None]
+        pred = net((1 - sigma) * x + sigma * eps, tt, emb, **attn).sample
+        w = noised[:, None, :, None, None].to(x.dtype)
+        loss = ((pred - (eps - x)).square() * w).sum() / (w.sum() * x.shape[1] * x.shape[3] * x.shape[4])
+        return loss, {"fm_loss": loss.item(), "t_mean": t.mean().item(),
+                      "history_frames": history.float().mean().item()}
 
     def _attention(self, rnd: StepRandom) -> dict:
         """flow_matching.causal_fraction: this step's batch under the block-causal mask ({num_frame_per_block})
@@ -912,21 +932,41 @@ class DMDStage(_GeneratorStage):
             res = self_forcing_rollout(self.nets["generator"], cond, noise, self.schedule, self._make_cache(grad),
                                        num_frame_per_block=self.block, exit_steps=exits[:stop], grad=grad,
                                        grad_first_block=r.grad_first_block, dtype=torch.float32,
-                                       window_start=start, recache=r.recache)
+                                       window_start=start, recache=r.recache,
+                                       history_blocks=self.cfg.dmd.teacher_history)
         return res, time.perf_counter() - t0
 
     def _window_logs(self, res) -> dict:
         return {"window_start": res.window_start} if self.rollout_blocks > self.num_blocks else {}
 
     # -- scores (x0 predictors) for the losses
-    def real_score(self, cond):
-        uncond = self.uncond_embedding(cond)
+    def real_score(self, cond, res=None):
         w = self.cfg.dmd.guidance_scale
-        return as_x0_fn(lambda x_t, t: guided_flow(self.teacher, x_t, t, cond, uncond, w), self.flow)
+        flow = lambda x, t, c: guided_flow(self.teacher, x, t, c, self.uncond_embedding(c), w)  # noqa: E731
+        return as_x0_fn(self.behind_history(flow, cond, res), self.flow)
 
-    def fake_score(self, cond):
+    def fake_score(self, cond, res=None):
         critic = self.score_nets["critic"]
-        return as_x0_fn(lambda x_t, t: guided_flow(critic, x_t, t, cond, None, 1.0), self.flow)
+        return as_x0_fn(self.behind_history(lambda x, t, c: guided_flow(critic, x, t, c, None, 1.0), cond, res),
+                        self.flow)
+
+    @staticmethod
+    def behind_history(flow_fn, cond, res=None):
+        """flow_fn(x, t, cond) as a function of the window (x_t, t); with history in the rollout result
+        (dmd.teacher_history) the window goes behind it, the history clean at timestep 0 under the prompt the
+        rollout ran it with (the timeline's first), and the output is cut back to the window."""
+        hist = None if res is None else res.history
+        if hist is None:
+            return lambda x_t, t: flow_fn(x_t, t, cond)
+        H = hist.shape[2]
+        c = cond if cond.ndim == 3 else torch.cat([cond[:, :1].expand(-1, H, -1, -1), cond], 1)
+
+        def flow(x_t, t):
+            tt = torch.cat([torch.zeros(t.shape[0], H, device=t.device, dtype=t.dtype),
+                            t[:, None].expand(-1, x_t.shape[2])], 1)  # (B, H + F)
+            return flow_fn(torch.cat([hist.to(x_t), x_t], 2), tt, c)[:, :, H:]
+
+        return flow
 
     def gan_logits(self, nets: dict, cond):
         """D(x_t, t) (B,): the GAN head on the critic's features of x_t under the prompts `cond` (B', L, D),
@@ -954,7 +994,7 @@ class DMDStage(_GeneratorStage):
         x = res.x0  # (B, C, F, h, w), gradient through the exit steps
         t = self._loss_timesteps(res, x.shape[0], rnd)
         with frozen(self.trainables["critic"]):
-            loss, logs = self.generator_loss(x, self.real_score(cond), self.fake_score(cond),
+            loss, logs = self.generator_loss(x, self.real_score(cond, res), self.fake_score(cond, res),
                                              generator=rnd.local("loss"), t=t)
         loss = loss * (res.grad_frames.numel() / int(res.grad_frames.sum()))  # masked frames: average over the frames with gradient
         if self.cfg.dmd.gan_weight > 0:  # DMD2: the sample should also pass the classifier as real
@@ -976,8 +1016,8 @@ class DMDStage(_GeneratorStage):
         cond = batch.prompt_embeds.to(self.rt.device)
         res, t_roll = self.rollout(cond, rnd, grad=False)
         critic = self.nets["critic"]
-        loss, logs = self.critic_loss(res.x0.detach(), lambda x_t, t: critic(x_t, t, cond).sample,
-                                      generator=rnd.local("loss"))
+        loss, logs = self.critic_loss(res.x0.detach(), self.behind_history(lambda x, t, c: critic(x, t, c).sample,
+                                                                           cond, res), generator=rnd.local("loss"))
         if self.cfg.dmd.gan:  # DMD2: the critic's features also learn to tell real clips from samples
             real = batch.latents.to(self.rt.device)  # (B, C, F, h, w), the data clips of these prompts
             gan, gan_logs = self.gan_critic_loss(real, res.x0.detach(), self.gan_logits(self.nets, cond),
