@@ -352,7 +352,7 @@ class TrainData:
     """Rank-sharded micro-batches; `batch(k)` is a pure function of (seed, k, rank). See the module docstring."""
 
     def __init__(self, source, prompts: PromptEncoder, *, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, need_latents: bool, window: tuple[int, int] | None = None):
+                 world: int = 1, need_latents: bool, window: tuple[int, int, int] | None = None):
         if len(source) < 1:
             raise ValueError("the training data is empty")
         self.source, self.prompts = source, prompts

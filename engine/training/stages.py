@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.shapes import VOCABULARY, ShapesConfig
+from engine.data.shapes import TEMPORAL, VOCABULARY, ShapesConfig
 from engine.models.causal_wan import CausalWanTransformer3DModel
 from engine.models.gan_head import GANHead
 from engine.io import cast_module, load_model_weights, quiet_loaders, to_uint8
@@ -370,7 +370,7 @@ def build_data(cfg: Config, comps: Components, rt: Runtime, *, need_latents: boo
     window = None
     if d.stream_frames:
         window = (latent_shape[1], e.num_frame_per_block, cfg.flow_matching.stream_history)
-        latent_shape = (*latent_shape[:1], (d.stream_frames - 1) // 4 + 1, *latent_shape[2:])
+        latent_shape = (*latent_shape[:1], (d.stream_frames - 1) // TEMPORAL + 1, *latent_shape[2:])
     if isinstance(source, LatentDirSource):
         if need_latents and source.latent_shape != tuple(latent_shape):
             raise ValueError(f"latents in {source.path} have shape {source.latent_shape}, the model trains on "
