@@ -2,7 +2,7 @@
 clips, window by window (issue 15, item 6: long-horizon DMD shows the teacher such windows).
 
     python benchmarks/bench_teacher_windows.py checkpoints/shapes-teacher runs/shapes-teacher-stream/teacher \
-        [--clips 64] [--stream-frames 81] [--seed 7] [--history 1]
+        [--clips 64] [--stream-frames 81] [--seed 7] [--history 1] [--by-colour]
 
 Held-out clips (data seed 7; the teachers train on seed 1) of --stream-frames video frames, 30% of them with a
 prompt switch (the teacher data's settings, free_frames 16: the objects bounce after that), are encoded whole by
@@ -33,10 +33,11 @@ TIMESTEPS = (100.0, 300.0, 500.0, 700.0, 900.0)
 
 
 @torch.no_grad()
-def window_losses(path: str, clips: int, stream_frames: int, seed: int, history: int = 0,
-                  batch: int = 16) -> list[list[float]]:
+def window_losses(path: str, clips: int, stream_frames: int, seed: int, history: int = 0, batch: int = 16,
+                  by_colour: dict | None = None) -> list[list[float]]:
     """[window][timestep] mean flow-matching loss of the teacher at `path` (an engine directory) on each window's
-    F frames, with up to `history` blocks of the stream before it clean at timestep 0."""
+    F frames, with up to `history` blocks of the stream before it clean at timestep 0. by_colour: filled with
+    {colour of the clip's first object: [loss of each (clip, mid-stream window, timestep)]}."""
     eng = engine.Engine.from_pretrained(path)
     net = CausalWanTransformer3DModel.from_pretrained(f"{path}/transformer").eval()
     c, k = eng.config, eng.config.num_frame_per_block
@@ -63,10 +64,14 @@ def window_losses(path: str, clips: int, stream_frames: int, seed: int, history:
                 eps = torch.randn(x[:, :, h:].shape, generator=seeded(seed, b0, w, j))  # the same with any history
                 tt = torch.full((x.shape[0],), t)
                 ctx = torch.zeros(x.shape[0], h)
-                loss, _ = loss_fn(x[:, :, h:], lambda x_t, t_: net(torch.cat([x[:, :, :h], x_t], 2),
-                                                                 torch.cat([ctx, t_[:, None].expand(-1, F)], 1),
-                                                                 e).sample[:, :, h:], t=tt, eps=eps)
-                out[w][j] += loss.item() * x.shape[0] / clips
+                per_clip = [loss_fn(x[i : i + 1, :, h:], lambda x_t, t_: net(
+                    torch.cat([x[i : i + 1, :, :h], x_t], 2), torch.cat([ctx[i : i + 1], t_[:, None].expand(-1, F)], 1),
+                    e[i : i + 1]).sample[:, :, h:], t=tt[i : i + 1], eps=eps[i : i + 1])[0].item()
+                    for i in range(x.shape[0])]
+                out[w][j] += sum(per_clip) / clips
+                if by_colour is not None and w:
+                    for it, v in zip(items, per_clip):
+                        by_colour.setdefault(it["timeline"][0][1].split()[1], []).append(v)
     return out
 
 
@@ -77,13 +82,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--stream-frames", type=int, default=81)
     ap.add_argument("--seed", type=int, default=7, help="data seed of the held-out clips")
     ap.add_argument("--history", type=int, default=0, help="clean stream blocks before each window (timestep 0)")
+    ap.add_argument("--by-colour", action="store_true", help="also the mid-stream windows' loss by object colour")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.clips < 1:
         raise SystemExit(f"--clips must be >= 1, got {args.clips}")
     torch.set_num_threads(args.threads)
-    res = {t: window_losses(t, args.clips, args.stream_frames, args.seed, args.history) for t in args.teachers}
+    colours = {t: {} for t in args.teachers} if args.by_colour else {}
+    res = {t: window_losses(t, args.clips, args.stream_frames, args.seed, args.history, by_colour=colours.get(t))
+           for t in args.teachers}
     print(f"flow-matching loss by window (block-aligned, window 0 = the training clip), {args.clips} clips of "
           f"{args.stream_frames} frames, data seed {args.seed}, {args.history} clean blocks of history; mean over t "
           f"in {list(TIMESTEPS)}")
@@ -92,6 +100,15 @@ def main(argv=None) -> dict:
     print("|---|" + "---:|" * nwin)
     for t, rows in res.items():
         print(f"| {t} | " + " | ".join(f"{sum(r) / len(r):.4f}" for r in rows) + " |")
+    if colours:
+        names = sorted({c for per in colours.values() for c in per})
+        print("\nmid-stream windows (1 on) by the colour of the clip's first object: mean loss (windows)")
+        print("| teacher | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for t, per in colours.items():
+            print(f"| {t} | " + " | ".join(f"{sum(per[c]) / len(per[c]):.4f} ({len(per[c]) // len(TIMESTEPS)})"
+                                          if c in per else "-"
+                                          for c in names) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"timesteps": TIMESTEPS, "losses": res}, f, indent=1)
