@@ -23,7 +23,7 @@ import json
 import torch
 
 import engine
-from engine.data.shapes import ShapesConfig, ShapesDataset
+from engine.data.shapes import TEMPORAL, ShapesConfig, ShapesDataset
 from engine.models.causal_wan import CausalWanTransformer3DModel
 from engine.training.data import encode_video, frame_prompts, seeded
 from engine.training.losses import FlowMatchingLoss
@@ -45,7 +45,7 @@ def window_losses(path: str, clips: int, stream_frames: int, seed: int, history:
     scfg = ShapesConfig(height=c.height, width=c.width, num_frames=stream_frames, fps=c.fps, frames_per_block=k,
                         switch_prob=0.3, free_frames=16)
     ds = ShapesDataset(scfg, seed=seed, length=clips)
-    n = (stream_frames - 1) // 4 + 1
+    n = (stream_frames - 1) // TEMPORAL + 1
     if (n - F) % k:
         raise ValueError(f"--stream-frames {stream_frames} ({n} latent frames) is not the clip's {F} latent frames "
                          f"plus whole blocks of {k}")

@@ -42,7 +42,7 @@ from engine.pipeline import Engine
 from engine.sampling.block_sampler import num_renoise
 from engine.sampling.codec import decode_full
 from engine.sampling.noise import SamplerNoise
-from engine.sampling.schedule import FlowSchedule, flow_to_x0
+from engine.sampling.schedule import FlowSchedule, add_noise, flow_to_x0
 
 from .config import TINY_BASE, Config, OptimConfig
 from .data import (Batch, LatentDirSource, PromptEncoder, PromptFileSource, ShapesSource, SyntheticSource, TrainData,
@@ -579,8 +579,7 @@ class TeacherStage(Stage):
         eps = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
         noised = torch.arange(x.shape[2], device=x.device)[None] >= history.to(x.device)[:, None]  # (B, F)
         tt = torch.where(noised, t[:, None], torch.zeros_like(t)[:, None])  # (B, F) timesteps, 0 on the history
-        sigma = self.flow.sigma_of(tt)[:, None, :, None, None]
-        pred = net((1 - sigma) * x + sigma * eps, tt, emb, **attn).sample
+        pred = net(add_noise(x, eps, self.flow.sigma_of(tt)), tt, emb, **attn).sample
         w = noised[:, None, :, None, None].to(x.dtype)
         loss = ((pred - (eps - x)).square() * w).sum() / (w.sum() * x.shape[1] * x.shape[3] * x.shape[4])
         return loss, {"fm_loss": loss.item(), "t_mean": t.mean().item(),
