@@ -327,3 +327,35 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if feature_layers is not None:
             return FeatureOutput(sample=out, features=[features[i] for i in feature_layers])
         return Transformer2DModelOutput(sample=out)
+
+
+def deepened(model: CausalWanTransformer3DModel, num_layers: int) -> CausalWanTransformer3DModel:
+    """A copy of `model` with `num_layers` blocks that computes what `model` computes (block expansion, as in
+    LLaMA Pro, Wu et al. 2024): the new blocks are spread evenly, each a copy of the block before it whose three
+    residual branches (self-attention, cross-attention, FFN) end in a zeroed output projection, so each starts as
+    the identity and learns from its first step (the zeroed layer's gradient is its input times the upstream one).
+    A wider network is a different function; depth is what this adds."""
+    import copy
+
+    if type(model) is not CausalWanTransformer3DModel:
+        raise ValueError(f"deepened takes a CausalWanTransformer3DModel (float32 result), not a {type(model).__name__}")
+    have = len(model.blocks)
+    if not (isinstance(num_layers, int) and have <= num_layers <= 4 * have):
+        raise ValueError(f"cannot deepen a {have}-block transformer to {num_layers!r} blocks: give an int from {have} "
+                         f"to {4 * have}")
+    new = type(model).from_config({**model.config, "num_layers": num_layers})
+    own = new.state_dict()
+    src = model.state_dict()
+    plan = []  # (new block index, old block index, zero its outputs)
+    for i in range(have):
+        extra = ((i + 1) * (num_layers - have)) // have - (i * (num_layers - have)) // have
+        plan += [(i, False)] + [(i, True)] * extra
+    for name in own:
+        if not name.startswith("blocks."):
+            own[name] = src[name].clone()
+    for j, (i, zero) in enumerate(plan):
+        for name, t in model.blocks[i].state_dict().items():
+            out_proj = name.startswith(("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2."))
+            own[f"blocks.{j}.{name}"] = torch.zeros_like(t) if zero and out_proj else t.clone()
+    new.load_state_dict(own)
+    return new

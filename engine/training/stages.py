@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from engine.data.shapes import TEMPORAL, VOCABULARY, ShapesConfig
-from engine.models.causal_wan import CausalWanTransformer3DModel
+from engine.models.causal_wan import CausalWanTransformer3DModel, deepened
 from engine.models.gan_head import GANHead
 from engine.io import cast_module, load_model_weights, quiet_loaders, to_uint8
 from engine.pipeline import Engine
@@ -519,6 +519,8 @@ class TeacherStage(Stage):
         m = cfg.models
         if m.init:
             model = load_transformer(m.init, "models.init")
+            if m.init_layers is not None:
+                model = deepened(model, m.init_layers)
             if m.transformer:
                 raise ValueError("models.transformer (a new architecture) and models.init (existing weights) "
                                  "exclude each other")
