@@ -80,3 +80,27 @@ def test_teacher_stage_deepens_its_init(tmp_path):
     assert plain.stage and deep.stage
     with pytest.raises(ValueError, match="models.init_layers"):
         cfg(**{"models.init": None, "models.init_layers": 4})
+
+
+def test_dmd_deepens_its_generator_as_the_same_function(tmp_path):
+    """ode-init / dmd: models.init_layers deepens the generator; it computes what the undeepened one does."""
+    from engine.training.stages import STAGES, Runtime, load_components
+
+    tiny_engine(seed=0).save_pretrained(tmp_path / "t")
+    tiny_engine(seed=1).save_pretrained(tmp_path / "g")
+    n = tiny_engine().transformer.config.num_layers
+    nets = []
+    for layers in (None, 2 * n):
+        args = []
+        for k, v in {"models.teacher": str(tmp_path / "t"), "models.generator": str(tmp_path / "g"),
+                     "data.source": "synthetic", "data.num_samples": 4, "train.tensorboard": False,
+                     "models.init_layers": layers}.items():
+            args += [f"--{k}", json.dumps(v)]
+        cfg = load_config("tiny-dmd", args)
+        st = STAGES["dmd"](cfg, Runtime(torch.device("cpu"), output_dir=tmp_path / str(layers)),
+                           load_components(cfg, "dmd", torch.device("cpu")))
+        nets.append(st.trainables["generator"])
+    assert [len(g.blocks) for g in nets] == [n, 2 * n]
+    x, t, e = inputs(2)
+    with torch.no_grad():
+        assert torch.equal(nets[0](x, t, e).sample, nets[1](x, t, e).sample)

@@ -70,9 +70,9 @@ class ModelsConfig:
     ode_bank: dmd stage with dmd.regression_weight > 0: a trajectory bank written by an ode-init run with
         ode.num_trajectories > 0 (that run's output directory, or its trajectories/ directory).
     transformer: teacher stage, random init: overrides of the base transformer config (e.g. num_layers).
-    init_layers: teacher stage with init: deepen init's transformer to this many blocks before training
-        (`engine.models.causal_wan.deepened`: copies with zeroed output projections, so training starts from the
-        function init computes); null keeps its depth.
+    init_layers: deepen the network a stage starts from (teacher: init's transformer, ode-init / dmd: the
+        generator) to this many blocks before training (`engine.models.causal_wan.deepened`: copies with zeroed
+        output projections, so training starts from the function it computes); null keeps its depth.
     vae: every stage but vae: an engine directory (e.g. a later VAE phase's base) whose vae/ replaces the base's,
         the text encoder and tokenizer staying the base's (how the default model moved to the phase-5 VAE).
     text_encoder: vae stage: a new text encoder for the base it writes, a tiny UMT5 (`engine.models.text.tiny_umt5`
@@ -454,8 +454,10 @@ class Config:
         if self.stage == "vae":  # checked where it is read (engine.num_frames may be short for other stages)
             self.validate_vae()
         il = self.models.init_layers
-        _check(il is None or (isinstance(il, int) and il >= 1 and self.models.init and self.stage in (None, "teacher")),
-               "models.init_layers", il, "null, or a number of blocks >= 1 for the teacher stage with models.init")
+        _check(il is None or (isinstance(il, int) and il >= 1 and (self.stage in ("ode-init", "dmd") or (
+            self.models.init and self.stage in (None, "teacher")))), "models.init_layers", il,
+               "null, or a number of blocks >= 1 for ode-init / dmd (the generator) or the teacher stage with "
+               "models.init")
         _check(not self.models.text_encoder or self.stage in (None, "vae"), "models.text_encoder",
                self.models.text_encoder, "{} outside the vae stage (a new text encoder is part of the base the "
                "vae stage writes)")

@@ -649,6 +649,8 @@ class _GeneratorStage(Stage):
         if generator_required and not gpath:
             raise ValueError(f"config key models.generator is required for the {self.name} stage (the ode-init output)")
         generator = load_transformer(gpath, "models.generator") if gpath else _copy(teacher)
+        if cfg.models.init_layers is not None:
+            generator = deepened(generator, cfg.models.init_layers)
         self.schedule = cfg.engine.schedule()  # few-step timesteps, context_t
         self.block = cfg.engine.num_frame_per_block
         return teacher, generator
