@@ -32,7 +32,7 @@ def test_deepened_network_is_the_same_function_full_sequence_and_streamed():
             cache = net.make_cache(8, 8, max_frames=4)
             outs.append(torch.cat([net(x[:, :, f:f + 2], t, e, kv_cache=cache).sample for f in (0, 2)], 2))
     assert torch.equal(*outs)
-    # blocks 0, 2, 4 of d... are copies: the originals first, then zero-output copies (2 + 3 new spread evenly)
+    # layout: block 0, one zero-output copy of it, block 1, two zero-output copies of it (3 new blocks over 2)
     src = [b.state_dict() for b in m.blocks]
     layout = [0, 0, 1, 1, 1]
     for j, i in enumerate(layout):

@@ -335,8 +335,6 @@ def deepened(model: CausalWanTransformer3DModel, num_layers: int) -> CausalWanTr
     residual branches (self-attention, cross-attention, FFN) end in a zeroed output projection, so each starts as
     the identity and learns from its first step (the zeroed layer's gradient is its input times the upstream one).
     A wider network is a different function; depth is what this adds."""
-    import copy
-
     if type(model) is not CausalWanTransformer3DModel:
         raise ValueError(f"deepened takes a CausalWanTransformer3DModel (float32 result), not a {type(model).__name__}")
     have = len(model.blocks)
@@ -344,18 +342,14 @@ def deepened(model: CausalWanTransformer3DModel, num_layers: int) -> CausalWanTr
         raise ValueError(f"cannot deepen a {have}-block transformer to {num_layers!r} blocks: give an int from {have} "
                          f"to {4 * have}")
     new = type(model).from_config({**model.config, "num_layers": num_layers})
-    own = new.state_dict()
-    src = model.state_dict()
-    plan = []  # (new block index, old block index, zero its outputs)
+    plan = []  # per new block: (the old block it copies, whether its output projections are zeroed)
     for i in range(have):
         extra = ((i + 1) * (num_layers - have)) // have - (i * (num_layers - have)) // have
         plan += [(i, False)] + [(i, True)] * extra
-    for name in own:
-        if not name.startswith("blocks."):
-            own[name] = src[name].clone()
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
     for j, (i, zero) in enumerate(plan):
         for name, t in model.blocks[i].state_dict().items():
             out_proj = name.startswith(("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2."))
-            own[f"blocks.{j}.{name}"] = torch.zeros_like(t) if zero and out_proj else t.clone()
-    new.load_state_dict(own)
+            own[f"blocks.{j}.{name}"] = torch.zeros_like(t) if zero and out_proj else t
+    new.load_state_dict(own)  # copies the values: nothing is shared with `model`
     return new
